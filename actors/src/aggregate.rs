@@ -1,0 +1,543 @@
+//! The aggregate: one JSON document per entity key, and the fold that applies an event to it
+//! according to the configured rules.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::envelope::{json_type, Body, Event};
+use crate::rules::{RuleConfig, RuleKind, Rules};
+
+/// The live view of one entity.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// The entity key.
+    pub key: String,
+    /// Partition number the entity belongs to (its topics are co-partitioned).
+    pub partition: i32,
+    /// Number of events applied, duplicates excluded.
+    pub events_applied: u64,
+    /// Latest event time seen, in milliseconds since the epoch.
+    pub updated_at_ms: i64,
+    /// Per source: the latest state it transferred.
+    pub sources: BTreeMap<String, SourceSection>,
+    /// Events applied per code.
+    pub counters: BTreeMap<String, u64>,
+    /// The figures the rules derive, by rule name.
+    pub figures: BTreeMap<String, Value>,
+}
+
+/// The latest state one source transferred about the entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceSection {
+    /// Code of the last event applied from this source.
+    pub code: String,
+    /// Message id of that event.
+    pub message_id: String,
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its time in milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// The payload fields transferred so far, later events overwriting earlier ones field by field.
+    pub state: Value,
+}
+
+/// Why an event could not be folded; the aggregate is left as it was.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum FoldError {
+    /// A numeric rule found no value at its field.
+    #[error("rule {rule:?} needs a number at {field}, found nothing")]
+    MissingField {
+        /// The rule's name.
+        rule: String,
+        /// The rule's field pointer.
+        field: String,
+    },
+    /// A numeric rule found a value of another type.
+    #[error("rule {rule:?} needs a number at {field}, found a {found}")]
+    WrongType {
+        /// The rule's name.
+        rule: String,
+        /// The rule's field pointer.
+        field: String,
+        /// The JSON type found.
+        found: &'static str,
+    },
+}
+
+/// A rule's input, read before anything is changed so that a failure leaves no partial effect.
+enum Input<'e> {
+    Nothing,
+    Number(f64),
+    Value(Option<&'e Value>),
+}
+
+impl Aggregate {
+    /// An empty view of `key` in `partition`.
+    pub fn new(key: impl Into<String>, partition: i32) -> Self {
+        Aggregate {
+            key: key.into(),
+            partition,
+            ..Aggregate::default()
+        }
+    }
+
+    /// Applies `event`: all of its effect, or none of it and an error.
+    pub fn apply(&mut self, rules: &Rules, event: &Event) -> Result<(), FoldError> {
+        let source = rules.source(event.source);
+        let inputs = match &event.body {
+            Body::Tombstone => Vec::new(),
+            Body::Envelope(envelope) => read_inputs(rules, event, envelope)?,
+        };
+
+        let deletes =
+            event.body == Body::Tombstone || source.delete_codes.iter().any(|c| *c == event.code);
+        if deletes {
+            self.sources.remove(&source.name);
+        } else if let Body::Envelope(envelope) = &event.body {
+            let payload = envelope.get("payload").cloned().unwrap_or(Value::Null);
+            let state = match self.sources.remove(&source.name) {
+                Some(prev) => merge(prev.state, payload),
+                None => payload,
+            };
+            self.sources.insert(
+                source.name.clone(),
+                SourceSection {
+                    code: event.code.clone(),
+                    message_id: event.message_id.clone(),
+                    partition: event.origin.tp.partition,
+                    offset: event.origin.offset,
+                    timestamp_ms: event.timestamp_ms,
+                    state,
+                },
+            );
+        }
+        for (rule, input) in inputs {
+            self.fold_rule(rule, input);
+        }
+        *self.counters.entry(event.code.clone()).or_default() += 1;
+        self.events_applied += 1;
+        self.updated_at_ms = self.updated_at_ms.max(event.timestamp_ms);
+        Ok(())
+    }
+
+    fn fold_rule(&mut self, rule: &RuleConfig, input: Input<'_>) {
+        let current = self.figures.remove(&rule.name);
+        let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_f64);
+        let next = match (rule.kind, input) {
+            (RuleKind::Count, _) => number_value(number(&current).unwrap_or(0.0) + rule.factor),
+            (RuleKind::Sum, Input::Number(x)) => {
+                number_value(number(&current).unwrap_or(0.0) + rule.factor * x)
+            }
+            (RuleKind::Min, Input::Number(x)) => {
+                number_value(number(&current).map_or(x, |c| c.min(x)))
+            }
+            (RuleKind::Max, Input::Number(x)) => {
+                number_value(number(&current).map_or(x, |c| c.max(x)))
+            }
+            (RuleKind::Avg, Input::Number(x)) => {
+                let field = |name: &str| {
+                    current
+                        .as_ref()
+                        .and_then(|c| c.get(name))
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0)
+                };
+                let (count, sum) = (field("count") + 1.0, field("sum") + x);
+                let mut avg = Map::new();
+                avg.insert("count".into(), number_value(count));
+                avg.insert("sum".into(), number_value(sum));
+                avg.insert("avg".into(), number_value(sum / count));
+                Value::Object(avg)
+            }
+            (RuleKind::Latest, Input::Value(v)) => v.cloned().unwrap_or(Value::Null),
+            (RuleKind::History, Input::Value(v)) => {
+                let mut list = match current {
+                    Some(Value::Array(list)) => list,
+                    _ => Vec::new(),
+                };
+                list.push(v.cloned().unwrap_or(Value::Null));
+                if list.len() > rule.limit {
+                    list.drain(..list.len() - rule.limit);
+                }
+                Value::Array(list)
+            }
+            // read_inputs gives every kind the input it needs.
+            (_, _) => current.unwrap_or(Value::Null),
+        };
+        self.figures.insert(rule.name.clone(), next);
+    }
+}
+
+fn read_inputs<'r, 'e>(
+    rules: &'r Rules,
+    event: &Event,
+    envelope: &'e Value,
+) -> Result<Vec<(&'r RuleConfig, Input<'e>)>, FoldError> {
+    rules
+        .matching(event.source, &event.code)
+        .map(|rule| {
+            let field = rule.field.as_deref().unwrap_or("");
+            let input = match rule.kind {
+                RuleKind::Count => Input::Nothing,
+                kind if kind.is_numeric() => match envelope.pointer(field) {
+                    Some(Value::Number(n)) => Input::Number(n.as_f64().unwrap_or(0.0)),
+                    None | Some(Value::Null) => {
+                        return Err(FoldError::MissingField {
+                            rule: rule.name.clone(),
+                            field: field.to_string(),
+                        })
+                    }
+                    Some(other) => {
+                        return Err(FoldError::WrongType {
+                            rule: rule.name.clone(),
+                            field: field.to_string(),
+                            found: json_type(other),
+                        })
+                    }
+                },
+                _ => Input::Value(envelope.pointer(field)),
+            };
+            Ok((rule, input))
+        })
+        .collect()
+}
+
+/// Later fields overwrite earlier ones; anything but two objects is replaced whole.
+fn merge(prev: Value, next: Value) -> Value {
+    match (prev, next) {
+        (Value::Object(mut prev), Value::Object(next)) => {
+            prev.extend(next);
+            Value::Object(prev)
+        }
+        (_, next) => next,
+    }
+}
+
+/// A number as JSON: integral values print without a fraction.
+fn number_value(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9_007_199_254_740_992.0 {
+        Value::from(x as i64)
+    } else {
+        serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Origin, TopicPartition};
+    use crate::rules::SourceConfig;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn source(name: &str, delete: &[&str]) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            topic: format!("t.{name}"),
+            key_pointer: None,
+            delete_codes: delete.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn rule(
+        name: &str,
+        kind: RuleKind,
+        src: &str,
+        codes: &[&str],
+        field: Option<&str>,
+    ) -> RuleConfig {
+        RuleConfig {
+            name: name.into(),
+            kind,
+            source: src.into(),
+            codes: codes.iter().map(|s| s.to_string()).collect(),
+            field: field.map(Into::into),
+            factor: 1.0,
+            limit: 3,
+        }
+    }
+
+    fn rules() -> Rules {
+        let mut redeemed = rule(
+            "points",
+            RuleKind::Sum,
+            "loyalty",
+            &["REDEEMED"],
+            Some("/payload/points"),
+        );
+        redeemed.factor = -1.0;
+        Rules::new(
+            vec![
+                source("orders", &[]),
+                source("loyalty", &[]),
+                source("customer", &["DELETED"]),
+            ],
+            vec![
+                rule("orders", RuleKind::Count, "orders", &["CREATED"], None),
+                rule(
+                    "total",
+                    RuleKind::Sum,
+                    "orders",
+                    &["CREATED"],
+                    Some("/payload/amount"),
+                ),
+                rule(
+                    "smallest",
+                    RuleKind::Min,
+                    "orders",
+                    &["CREATED"],
+                    Some("/payload/amount"),
+                ),
+                rule(
+                    "largest",
+                    RuleKind::Max,
+                    "orders",
+                    &["CREATED"],
+                    Some("/payload/amount"),
+                ),
+                rule(
+                    "mean",
+                    RuleKind::Avg,
+                    "orders",
+                    &["CREATED"],
+                    Some("/payload/amount"),
+                ),
+                rule(
+                    "last_order",
+                    RuleKind::Latest,
+                    "orders",
+                    &[],
+                    Some("/payload/id"),
+                ),
+                rule(
+                    "recent",
+                    RuleKind::History,
+                    "orders",
+                    &[],
+                    Some("/payload/id"),
+                ),
+                rule(
+                    "points",
+                    RuleKind::Sum,
+                    "loyalty",
+                    &["EARNED"],
+                    Some("/payload/points"),
+                ),
+                redeemed,
+            ],
+        )
+        .unwrap()
+    }
+
+    fn event(rules: &Rules, src: &str, offset: i64, code: &str, payload: Value) -> Event {
+        let source = rules.source_named(src).unwrap();
+        Event {
+            origin: Origin {
+                tp: TopicPartition::new(format!("t.{src}"), 0),
+                offset,
+            },
+            source,
+            key: "C1".into(),
+            message_id: format!("{src}-{offset}"),
+            code: code.into(),
+            timestamp_ms: 1000 + offset,
+            body: Body::Envelope(json!({"metadata": {}, "code": code, "payload": payload})),
+        }
+    }
+
+    #[test]
+    fn count_sum_min_max_avg_fold_numbers() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        for (i, amount) in [10.0, 2.5, 30.0].into_iter().enumerate() {
+            let e = event(
+                &r,
+                "orders",
+                i as i64,
+                "CREATED",
+                json!({"id": i, "amount": amount}),
+            );
+            agg.apply(&r, &e).unwrap();
+        }
+        agg.apply(&r, &event(&r, "orders", 3, "CANCELLED", json!({"id": 3})))
+            .unwrap();
+        assert_eq!(agg.figures["orders"], json!(3));
+        assert_eq!(agg.figures["total"], json!(42.5));
+        assert_eq!(agg.figures["smallest"], json!(2.5));
+        assert_eq!(agg.figures["largest"], json!(30));
+        assert_eq!(agg.figures["mean"]["count"], json!(3));
+        assert_eq!(agg.figures["mean"]["avg"].as_f64().unwrap(), 42.5 / 3.0);
+        assert_eq!(agg.counters["CREATED"], 3);
+        assert_eq!(agg.counters["CANCELLED"], 1);
+        assert_eq!(agg.events_applied, 4);
+        assert_eq!(agg.updated_at_ms, 1003);
+    }
+
+    #[test]
+    fn latest_and_bounded_history_keep_the_last_values_in_order() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        for i in 0..5 {
+            agg.apply(&r, &event(&r, "orders", i, "CANCELLED", json!({"id": i})))
+                .unwrap();
+        }
+        assert_eq!(agg.figures["last_order"], json!(4));
+        assert_eq!(agg.figures["recent"], json!([2, 3, 4]));
+    }
+
+    #[test]
+    fn factor_subtracts_and_sections_merge_fields() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        agg.apply(
+            &r,
+            &event(
+                &r,
+                "loyalty",
+                0,
+                "EARNED",
+                json!({"points": 100, "tier": "gold"}),
+            ),
+        )
+        .unwrap();
+        agg.apply(
+            &r,
+            &event(&r, "loyalty", 1, "REDEEMED", json!({"points": 30})),
+        )
+        .unwrap();
+        assert_eq!(agg.figures["points"], json!(70));
+        let section = &agg.sources["loyalty"];
+        assert_eq!(section.state, json!({"points": 30, "tier": "gold"}));
+        assert_eq!((section.code.as_str(), section.offset), ("REDEEMED", 1));
+    }
+
+    #[test]
+    fn delete_code_and_tombstone_remove_the_section() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        agg.apply(
+            &r,
+            &event(&r, "customer", 0, "REGISTERED", json!({"name": "A"})),
+        )
+        .unwrap();
+        agg.apply(&r, &event(&r, "customer", 1, "DELETED", json!({})))
+            .unwrap();
+        assert!(!agg.sources.contains_key("customer"));
+        agg.apply(&r, &event(&r, "orders", 2, "CANCELLED", json!({"id": 1})))
+            .unwrap();
+        let mut tomb = event(&r, "orders", 3, "TOMBSTONE", json!({}));
+        tomb.body = Body::Tombstone;
+        agg.apply(&r, &tomb).unwrap();
+        assert!(agg.sources.is_empty());
+        assert_eq!(agg.counters["TOMBSTONE"], 1);
+    }
+
+    #[test]
+    fn a_failing_rule_leaves_the_aggregate_untouched() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        agg.apply(
+            &r,
+            &event(&r, "orders", 0, "CREATED", json!({"id": 0, "amount": 1})),
+        )
+        .unwrap();
+        let before = agg.clone();
+        let err = agg
+            .apply(
+                &r,
+                &event(
+                    &r,
+                    "orders",
+                    1,
+                    "CREATED",
+                    json!({"id": 1, "amount": "ten"}),
+                ),
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rule \"total\" needs a number at /payload/amount, found a string"
+        );
+        let err = agg
+            .apply(&r, &event(&r, "orders", 2, "CREATED", json!({"id": 2})))
+            .unwrap_err();
+        assert!(matches!(err, FoldError::MissingField { .. }));
+        assert_eq!(agg, before);
+    }
+
+    #[test]
+    fn folding_one_sources_events_is_deterministic() {
+        let r = rules();
+        let events: Vec<Event> = (0..50)
+            .map(|i| {
+                event(
+                    &r,
+                    "orders",
+                    i,
+                    "CREATED",
+                    json!({"id": i, "amount": (i as f64) * 0.1}),
+                )
+            })
+            .collect();
+        let fold = || {
+            let mut agg = Aggregate::new("C1", 0);
+            for e in &events {
+                agg.apply(&r, e).unwrap();
+            }
+            serde_json::to_vec(&agg).unwrap()
+        };
+        assert_eq!(fold(), fold());
+    }
+
+    fn arb_source_events() -> impl Strategy<Value = Vec<(usize, String, i64)>> {
+        // (source index, code, amount) triples; each source's own order is kept by the interleaving.
+        let code = prop_oneof![
+            Just("CREATED".to_string()),
+            Just("CANCELLED".to_string()),
+            Just("EARNED".to_string()),
+            Just("REDEEMED".to_string()),
+            Just("REGISTERED".to_string()),
+            Just("DELETED".to_string()),
+        ];
+        prop::collection::vec((0usize..3, code, -50i64..500), 1..40)
+    }
+
+    proptest! {
+        #[test]
+        fn interleaving_sources_in_any_order_gives_the_same_view(
+            events in arb_source_events(),
+            picks in prop::collection::vec(0usize..3, 0..120),
+        ) {
+            let r = rules();
+            let names = ["orders", "loyalty", "customer"];
+            let built: Vec<Event> = events.iter().enumerate().map(|(i, (s, code, amount))| {
+                event(&r, names[*s], i as i64, code, json!({"id": i, "amount": *amount as f64 / 4.0, "points": amount}))
+            }).collect();
+            let mut sequential = Aggregate::new("C1", 0);
+            for e in &built {
+                let _ = sequential.apply(&r, e);
+            }
+            // Interleave: per-source queues in order, drained in an order the picks choose.
+            let mut queues: Vec<std::collections::VecDeque<&Event>> = vec![Default::default(); 3];
+            for (e, (s, _, _)) in built.iter().zip(&events) {
+                queues[*s].push_back(e);
+            }
+            let mut interleaved = Aggregate::new("C1", 0);
+            let mut picks = picks.into_iter();
+            while queues.iter().any(|q| !q.is_empty()) {
+                let mut s = picks.next().unwrap_or(0);
+                while queues[s].is_empty() {
+                    s = (s + 1) % 3;
+                }
+                let e = queues[s].pop_front().unwrap();
+                let _ = interleaved.apply(&r, e);
+            }
+            prop_assert_eq!(sequential, interleaved);
+        }
+    }
+}

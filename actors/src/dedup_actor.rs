@@ -1,0 +1,249 @@
+//! The dedup actor: owns the store, decides whether a message id was applied before, and writes
+//! each event's marker together with the view it produced in one atomic batch (group commit on an
+//! interval). Offsets complete only after the batch that covers them is flushed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use std::future::Future;
+
+use crate::aggregate::Aggregate;
+use crate::metrics::Metrics;
+use crate::offset_committer::Completed;
+use crate::record::Origin;
+use crate::store::{Store, StoreError, WriteBatch};
+use crate::topology::Topology;
+
+/// A view shared by its entity actor (which folds into it) and the dedup actor (which writes it).
+pub type SharedAggregate = Arc<Mutex<Aggregate>>;
+
+/// Longest wait between retries of a failed flush.
+const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The current view of `key`: staged, stored, or new.
+#[derive(Message)]
+#[rtype(result = "Result<Aggregate, StoreError>")]
+pub struct Load {
+    /// Entity key.
+    pub key: String,
+    /// Partition a new view belongs to.
+    pub partition: i32,
+}
+
+/// Was `message_id` applied before? If so, the caller drops the event and its offset completes
+/// with the next flush.
+#[derive(Message)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct Check {
+    /// Partition the marker lives in.
+    pub partition: i32,
+    /// The message id.
+    pub message_id: String,
+    /// The record being checked.
+    pub origin: Origin,
+}
+
+/// The event `message_id` was applied to `view`: write both in the next batch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stage {
+    /// Partition the marker lives in.
+    pub partition: i32,
+    /// The message id.
+    pub message_id: String,
+    /// The view after the event.
+    pub view: SharedAggregate,
+    /// The record applied.
+    pub origin: Origin,
+}
+
+/// Writes and flushes everything staged now; resolves when it is durable.
+#[derive(Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct FlushNow;
+
+/// The dedup actor.
+pub struct DedupActor {
+    store: Store,
+    committer: Recipient<Completed>,
+    topology: Arc<Topology>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    markers: HashSet<(i32, String)>,
+    views: HashMap<String, SharedAggregate>,
+    done: Vec<Origin>,
+}
+
+impl DedupActor {
+    /// A dedup actor over `store`, flushing every `interval` and reporting to `committer`.
+    pub fn new(
+        store: Store,
+        committer: Recipient<Completed>,
+        topology: Arc<Topology>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+    ) -> Self {
+        DedupActor {
+            store,
+            committer,
+            topology,
+            metrics,
+            interval,
+            markers: HashSet::new(),
+            views: HashMap::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Writes the staged markers and views in one atomic batch. On success returns the records
+    /// that batch covers; on failure everything stays staged for the next attempt.
+    fn write_staged(&mut self) -> Result<Vec<Origin>, StoreError> {
+        if self.markers.is_empty() && self.views.is_empty() && self.done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = WriteBatch::default();
+        let now = chrono::Utc::now().timestamp_millis();
+        for (partition, id) in &self.markers {
+            batch.add_marker(*partition, id, now);
+        }
+        for view in self.views.values() {
+            let view = view.lock().unwrap_or_else(|p| p.into_inner());
+            batch
+                .put_view(&view)
+                .map_err(|e| StoreError::Write(e.to_string()))?;
+        }
+        let (markers, views) = (batch.markers as u64, batch.views as u64);
+        if let Err(e) = self.store.write(batch) {
+            self.metrics.fault("store_write");
+            self.topology.dedup.set_fault(Some(e.to_string()));
+            return Err(e);
+        }
+        let stats = &self.topology.dedup;
+        stats.markers_written.fetch_add(markers, Ordering::Relaxed);
+        stats.views_written.fetch_add(views, Ordering::Relaxed);
+        stats.pending.store(0, Ordering::Relaxed);
+        self.markers.clear();
+        self.views.clear();
+        Ok(std::mem::take(&mut self.done))
+    }
+
+    /// Flushes the store until it succeeds, then completes `done`.
+    fn flush_and_complete(
+        &self,
+        done: Vec<Origin>,
+    ) -> impl Future<Output = Result<(), StoreError>> + 'static {
+        let store = self.store.clone();
+        let committer = self.committer.clone();
+        let topology = self.topology.clone();
+        let metrics = self.metrics.clone();
+        async move {
+            let started = Instant::now();
+            let mut delay = Duration::from_millis(10);
+            while let Err(e) = store.flush().await {
+                tracing::warn!("store flush failed, retrying in {delay:?}: {e}");
+                metrics.fault("store_flush");
+                topology.dedup.set_fault(Some(e.to_string()));
+                actix::clock::sleep(delay).await;
+                delay = (delay * 2).min(FLUSH_RETRY_MAX);
+            }
+            metrics
+                .flush_latency
+                .observe(started.elapsed().as_secs_f64());
+            let stats = &topology.dedup;
+            stats.flushes.fetch_add(1, Ordering::Relaxed);
+            stats
+                .store_bytes
+                .store(store.size_on_disk(), Ordering::Relaxed);
+            stats.set_fault(None);
+            if !done.is_empty() {
+                committer.do_send(Completed { origins: done });
+            }
+            Ok(())
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        match self.write_staged() {
+            Ok(done) if done.is_empty() => {}
+            Ok(done) => {
+                ctx.spawn(
+                    self.flush_and_complete(done)
+                        .into_actor(self)
+                        .map(|_, _, _| ()),
+                );
+            }
+            Err(e) => tracing::warn!("store write failed, will retry: {e}"),
+        }
+    }
+}
+
+impl Actor for DedupActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.interval, Self::tick);
+    }
+}
+
+impl Handler<Load> for DedupActor {
+    type Result = Result<Aggregate, StoreError>;
+
+    fn handle(&mut self, msg: Load, _: &mut Self::Context) -> Self::Result {
+        if let Some(view) = self.views.get(&msg.key) {
+            return Ok(view.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        }
+        Ok(self
+            .store
+            .load(&msg.key)?
+            .unwrap_or_else(|| Aggregate::new(msg.key, msg.partition)))
+    }
+}
+
+impl Handler<Check> for DedupActor {
+    type Result = Result<bool, StoreError>;
+
+    fn handle(&mut self, msg: Check, _: &mut Self::Context) -> Self::Result {
+        let stats = &self.topology.dedup;
+        stats.checks.fetch_add(1, Ordering::Relaxed);
+        let seen = self
+            .markers
+            .contains(&(msg.partition, msg.message_id.clone()))
+            || self.store.has_marker(msg.partition, &msg.message_id)?;
+        if seen {
+            stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.done.push(msg.origin);
+        }
+        Ok(seen)
+    }
+}
+
+impl Handler<Stage> for DedupActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
+        let key = msg
+            .view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .key
+            .clone();
+        self.markers.insert((msg.partition, msg.message_id));
+        self.views.insert(key, msg.view);
+        self.done.push(msg.origin);
+        self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Handler<FlushNow> for DedupActor {
+    type Result = ResponseActFuture<Self, Result<(), StoreError>>;
+
+    fn handle(&mut self, _: FlushNow, _: &mut Self::Context) -> Self::Result {
+        match self.write_staged() {
+            Ok(done) => Box::pin(self.flush_and_complete(done).into_actor(self)),
+            Err(e) => Box::pin(fut::ready(Err(e))),
+        }
+    }
+}

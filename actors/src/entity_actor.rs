@@ -1,0 +1,196 @@
+//! The entity actor: one per entity key. Its mailbox is the ordering guarantee: it applies its
+//! events one at a time, asking the dedup actor before each, and passivates when idle.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::dedup_actor::{Check, Load, SharedAggregate, Stage};
+use crate::envelope::{Event, Rejection};
+use crate::pipeline::Pipeline;
+use crate::record::Record;
+use crate::store::StoreError;
+
+/// Longest wait between retries of a failed store read.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Apply `event` (parsed from `record`) to the entity's view.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Apply {
+    /// The parsed event.
+    pub event: Event,
+    /// The raw record, kept to dead-letter it if a rule fails.
+    pub record: Record,
+}
+
+/// The entity actor.
+pub struct EntityActor {
+    key: String,
+    partition: i32,
+    view: Option<SharedAggregate>,
+    pipeline: Arc<Pipeline>,
+    mailbox: Arc<AtomicUsize>,
+    last_active: Instant,
+}
+
+impl EntityActor {
+    /// An actor for `key` of `partition`; `mailbox` counts the events sent to it.
+    pub fn new(
+        key: String,
+        partition: i32,
+        pipeline: Arc<Pipeline>,
+        mailbox: Arc<AtomicUsize>,
+    ) -> Self {
+        EntityActor {
+            key,
+            partition,
+            view: None,
+            pipeline,
+            mailbox,
+            last_active: Instant::now(),
+        }
+    }
+
+    /// Asks the dedup actor about `apply`, retrying store faults with backoff; the actor takes no
+    /// other message meanwhile, so the order of events is kept.
+    fn check(&mut self, apply: Apply, delay: Duration, ctx: &mut Context<Self>) {
+        let check = Check {
+            partition: self.partition,
+            message_id: apply.event.message_id.clone(),
+            origin: apply.event.origin.clone(),
+        };
+        let request = self.pipeline.dedup.send(check);
+        ctx.wait(
+            request
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(Ok(seen)) => act.applied(apply, seen),
+                    Ok(Err(e)) => act.retry(apply, delay, e, ctx),
+                    Err(_) => {
+                        tracing::error!(key = %act.key, "dedup actor is gone; entity stops");
+                        ctx.stop();
+                    }
+                }),
+        );
+    }
+
+    fn retry(&mut self, apply: Apply, delay: Duration, e: StoreError, ctx: &mut Context<Self>) {
+        tracing::warn!(key = %self.key, "dedup check failed, retrying in {delay:?}: {e}");
+        self.pipeline.metrics.fault("store_read");
+        ctx.wait(
+            actix::clock::sleep(delay)
+                .into_actor(self)
+                .map(move |_, act, ctx| act.check(apply, (delay * 2).min(RETRY_MAX), ctx)),
+        );
+    }
+
+    fn applied(&mut self, apply: Apply, seen: bool) {
+        self.mailbox.fetch_sub(1, Ordering::Relaxed);
+        self.last_active = Instant::now();
+        let Apply { event, record } = apply;
+        let p = &self.pipeline;
+        if seen {
+            p.metrics.source(event.source).duplicates.inc();
+            return;
+        }
+        let view = self
+            .view
+            .clone()
+            .expect("the view is loaded in started() before any message is handled");
+        let folded = view
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .apply(&p.rules, &event);
+        match folded {
+            Ok(()) => {
+                p.metrics.source(event.source).applied.inc();
+                p.dedup.do_send(Stage {
+                    partition: self.partition,
+                    message_id: event.message_id,
+                    view,
+                    origin: event.origin,
+                });
+            }
+            Err(e) => {
+                let source = &p.rules.source(event.source).name;
+                p.dead_letters
+                    .send(record, source, &Rejection::RuleFailed(e.to_string()));
+            }
+        }
+    }
+
+    fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
+        let idle = self.mailbox.load(Ordering::Relaxed) == 0
+            && self.last_active.elapsed() >= self.pipeline.entity_idle;
+        if idle {
+            // Leave the registry first: every send happens on this thread, so none can arrive now.
+            self.pipeline
+                .topology
+                .entities
+                .remove(&self.key, &ctx.address());
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for EntityActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let dedup = self.pipeline.dedup.clone();
+        let load = Load {
+            key: self.key.clone(),
+            partition: self.partition,
+        };
+        let key = self.key.clone();
+        let loading = async move {
+            let mut delay = Duration::from_millis(10);
+            loop {
+                match dedup
+                    .send(Load {
+                        key: load.key.clone(),
+                        partition: load.partition,
+                    })
+                    .await
+                {
+                    Ok(Ok(view)) => return Some(view),
+                    Ok(Err(e)) => {
+                        tracing::warn!(%key, "loading view failed, retrying in {delay:?}: {e}");
+                        actix::clock::sleep(delay).await;
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        ctx.wait(loading.into_actor(self).map(|view, act, ctx| match view {
+            Some(view) => {
+                act.partition = view.partition;
+                act.view = Some(Arc::new(Mutex::new(view)));
+            }
+            None => ctx.stop(),
+        }));
+        let tick = (self.pipeline.entity_idle / 2).max(Duration::from_millis(10));
+        ctx.run_interval(tick, Self::passivate_if_idle);
+        self.pipeline.metrics.entity_actors.inc();
+    }
+
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.pipeline
+            .topology
+            .entities
+            .remove(&self.key, &ctx.address());
+        self.pipeline.metrics.entity_actors.dec();
+    }
+}
+
+impl Handler<Apply> for EntityActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Apply, ctx: &mut Self::Context) {
+        self.check(msg, Duration::from_millis(10), ctx);
+    }
+}

@@ -1,0 +1,78 @@
+//! The live entity actors by key, shared by the partition supervisors that route to them and by
+//! the HTTP API that reports their mailboxes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::Addr;
+use dashmap::DashMap;
+
+use crate::entity_actor::EntityActor;
+
+/// A live entity actor and its mailbox depth (events sent and not yet applied).
+#[derive(Clone)]
+pub struct EntityHandle {
+    /// The actor's address.
+    pub addr: Addr<EntityActor>,
+    /// Events waiting in its mailbox.
+    pub mailbox: Arc<AtomicUsize>,
+}
+
+/// Entity actors by key.
+#[derive(Default)]
+pub struct EntityRegistry {
+    actors: DashMap<String, EntityHandle>,
+}
+
+impl EntityRegistry {
+    /// The live actor of `key`, if any.
+    pub fn get(&self, key: &str) -> Option<EntityHandle> {
+        self.actors.get(key).map(|h| h.clone())
+    }
+
+    /// Registers the actor of `key`.
+    pub fn insert(&self, key: String, handle: EntityHandle) {
+        self.actors.insert(key, handle);
+    }
+
+    /// Forgets the actor of `key` if it is still `addr` (a newer one may have replaced it).
+    pub fn remove(&self, key: &str, addr: &Addr<EntityActor>) {
+        self.actors.remove_if(key, |_, h| h.addr == *addr);
+    }
+
+    /// Number of live entity actors.
+    pub fn len(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// Whether no entity actor is alive.
+    pub fn is_empty(&self) -> bool {
+        self.actors.is_empty()
+    }
+
+    /// Total events waiting in all mailboxes.
+    pub fn mailbox_total(&self) -> usize {
+        self.actors
+            .iter()
+            .map(|h| h.mailbox.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The `n` deepest mailboxes, deepest first, as (key, depth).
+    pub fn busiest(&self, n: usize) -> Vec<(String, usize)> {
+        let mut all: Vec<(String, usize)> = self
+            .actors
+            .iter()
+            .map(|h| (h.key().clone(), h.mailbox.load(Ordering::Relaxed)))
+            .filter(|(_, depth)| *depth > 0)
+            .collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// All live actors, for stopping them.
+    pub fn handles(&self) -> Vec<EntityHandle> {
+        self.actors.iter().map(|h| h.clone()).collect()
+    }
+}

@@ -1,0 +1,377 @@
+//! Turns a raw record into an [`Event`] (the envelope of DESIGN §1), or into a [`Rejection`] that
+//! says why it cannot be processed and goes to the dead-letter topic.
+
+use serde_json::Value;
+
+use crate::record::{Origin, Record};
+use crate::rules::Rules;
+
+/// Header that carries the message id; it wins over `metadata.message_id`.
+pub const MESSAGE_ID_HEADER: &str = "message_id";
+
+/// Size limits applied while parsing.
+#[derive(Clone, Copy, Debug)]
+pub struct ParseLimits {
+    /// Largest record value accepted, in bytes.
+    pub max_value_bytes: usize,
+    /// Longest entity key accepted, in bytes.
+    pub max_key_bytes: usize,
+}
+
+/// What an event carries: a full envelope, or a tombstone that deletes the source's section.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    /// The parsed envelope (`metadata`, `code`, `payload`).
+    Envelope(Value),
+    /// A record with a key and no value.
+    Tombstone,
+}
+
+/// One parsed, routable event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Where the record came from.
+    pub origin: Origin,
+    /// Index of the source in [`Rules::sources`].
+    pub source: usize,
+    /// The entity key.
+    pub key: String,
+    /// The message id that deduplication keys on.
+    pub message_id: String,
+    /// The event code (`TOMBSTONE` for a tombstone).
+    pub code: String,
+    /// The event's time in milliseconds since the epoch.
+    pub timestamp_ms: i64,
+    /// The envelope or tombstone.
+    pub body: Body,
+}
+
+/// Code given to tombstones.
+pub const TOMBSTONE_CODE: &str = "TOMBSTONE";
+
+/// Why a record cannot be processed. `reason()` is the stable label used in dead-letter headers
+/// and metrics; `Display` gives the detail with the offending value.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The topic belongs to no configured source.
+    #[error("topic {0:?} belongs to no configured source")]
+    UnknownSource(String),
+    /// The value is larger than the configured limit.
+    #[error("value is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Size of the value.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// The value is not UTF-8.
+    #[error("value is not valid UTF-8: {0}")]
+    InvalidUtf8(String),
+    /// The value is not JSON.
+    #[error("value is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The value is JSON but not an object.
+    #[error("envelope is a JSON {0}, not an object")]
+    NotAnObject(&'static str),
+    /// The envelope has no `metadata` object.
+    #[error("envelope has no metadata object")]
+    MissingMetadata,
+    /// Neither header nor metadata carries a non-empty message id.
+    #[error("no message id in the {MESSAGE_ID_HEADER} header or metadata.message_id")]
+    MissingMessageId,
+    /// The envelope has no non-empty `code` string.
+    #[error("envelope has no code")]
+    MissingCode,
+    /// No entity key where the source says it is.
+    #[error("no entity key: {0}")]
+    MissingKey(String),
+    /// The entity key is unusable.
+    #[error("entity key is invalid: {0}")]
+    BadKey(String),
+    /// `metadata.service_name` names another service than the topic's source.
+    #[error("metadata.service_name is {found:?} but topic's source is {expected:?}")]
+    ServiceMismatch {
+        /// The source configured for the topic.
+        expected: String,
+        /// The name the envelope gave.
+        found: String,
+    },
+    /// `metadata.timestamp` does not parse as RFC 3339.
+    #[error("metadata.timestamp {0:?} is not an RFC 3339 time")]
+    BadTimestamp(String),
+    /// A rule could not fold the event (after retries, where the fault was transient).
+    #[error("rule failed: {0}")]
+    RuleFailed(String),
+}
+
+impl Rejection {
+    /// Stable short label of the reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::UnknownSource(_) => "unknown_source",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::InvalidUtf8(_) => "invalid_utf8",
+            Rejection::InvalidJson(_) => "invalid_json",
+            Rejection::NotAnObject(_) => "not_an_object",
+            Rejection::MissingMetadata => "missing_metadata",
+            Rejection::MissingMessageId => "missing_message_id",
+            Rejection::MissingCode => "missing_code",
+            Rejection::MissingKey(_) => "missing_key",
+            Rejection::BadKey(_) => "bad_key",
+            Rejection::ServiceMismatch { .. } => "service_mismatch",
+            Rejection::BadTimestamp(_) => "bad_timestamp",
+            Rejection::RuleFailed(_) => "rule_failed",
+        }
+    }
+}
+
+/// Parses `record` against the configured sources.
+pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Event, Rejection> {
+    let source = rules
+        .source_for_topic(&record.origin.tp.topic)
+        .ok_or_else(|| Rejection::UnknownSource(record.origin.tp.topic.to_string()))?;
+    let header_id = match record.header(MESSAGE_ID_HEADER) {
+        Some(raw) => Some(
+            std::str::from_utf8(raw)
+                .map_err(|e| Rejection::InvalidUtf8(format!("{MESSAGE_ID_HEADER} header: {e}")))?
+                .to_string(),
+        ),
+        None => None,
+    }
+    .filter(|id| !id.is_empty());
+
+    let Some(raw) = &record.value else {
+        let key = record_key(record, limits)?;
+        let message_id = header_id
+            .unwrap_or_else(|| format!("tombstone/{}/{}", record.origin.tp, record.origin.offset));
+        return Ok(Event {
+            origin: record.origin.clone(),
+            source,
+            key,
+            message_id,
+            code: TOMBSTONE_CODE.to_string(),
+            timestamp_ms: record.timestamp_ms.unwrap_or(0),
+            body: Body::Tombstone,
+        });
+    };
+    if raw.len() > limits.max_value_bytes {
+        return Err(Rejection::TooLarge {
+            size: raw.len(),
+            limit: limits.max_value_bytes,
+        });
+    }
+    let text = std::str::from_utf8(raw).map_err(|e| Rejection::InvalidUtf8(e.to_string()))?;
+    let envelope: Value =
+        serde_json::from_str(text).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+    let Value::Object(obj) = &envelope else {
+        return Err(Rejection::NotAnObject(json_type(&envelope)));
+    };
+    let Some(Value::Object(meta)) = obj.get("metadata") else {
+        return Err(Rejection::MissingMetadata);
+    };
+    let message_id = match header_id {
+        Some(id) => id,
+        None => match meta.get("message_id") {
+            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+            _ => return Err(Rejection::MissingMessageId),
+        },
+    };
+    let code = match obj.get("code") {
+        Some(Value::String(c)) if !c.is_empty() => c.clone(),
+        _ => return Err(Rejection::MissingCode),
+    };
+    let src = rules.source(source);
+    match meta.get("service_name") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(name)) if *name == src.name => {}
+        Some(other) => {
+            return Err(Rejection::ServiceMismatch {
+                expected: src.name.clone(),
+                found: other
+                    .as_str()
+                    .map_or_else(|| other.to_string(), str::to_string),
+            })
+        }
+    }
+    let timestamp_ms = match meta.get("timestamp") {
+        None | Some(Value::Null) => record.timestamp_ms.unwrap_or(0),
+        Some(Value::String(ts)) => chrono::DateTime::parse_from_rfc3339(ts)
+            .map_err(|_| Rejection::BadTimestamp(ts.clone()))?
+            .timestamp_millis(),
+        Some(other) => return Err(Rejection::BadTimestamp(other.to_string())),
+    };
+    let key = match &src.key_pointer {
+        None => record_key(record, limits)?,
+        Some(pointer) => match envelope.pointer(pointer) {
+            Some(Value::String(k)) => check_key(k.clone(), limits)?,
+            Some(Value::Number(n)) => n.to_string(),
+            Some(other) => {
+                return Err(Rejection::BadKey(format!(
+                    "{pointer} is a JSON {}",
+                    json_type(other)
+                )))
+            }
+            None => return Err(Rejection::MissingKey(format!("nothing at {pointer}"))),
+        },
+    };
+    Ok(Event {
+        origin: record.origin.clone(),
+        source,
+        key,
+        message_id,
+        code,
+        timestamp_ms,
+        body: Body::Envelope(envelope),
+    })
+}
+
+fn record_key(record: &Record, limits: &ParseLimits) -> Result<String, Rejection> {
+    let raw = record
+        .key
+        .as_deref()
+        .ok_or_else(|| Rejection::MissingKey("the record has no key".into()))?;
+    let key = std::str::from_utf8(raw)
+        .map_err(|e| Rejection::BadKey(format!("record key is not UTF-8: {e}")))?;
+    check_key(key.to_string(), limits)
+}
+
+fn check_key(key: String, limits: &ParseLimits) -> Result<String, Rejection> {
+    if key.is_empty() {
+        return Err(Rejection::MissingKey("the key is empty".into()));
+    }
+    if key.len() > limits.max_key_bytes {
+        return Err(Rejection::BadKey(format!(
+            "{} bytes, over the limit of {}",
+            key.len(),
+            limits.max_key_bytes
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Rejection::BadKey(format!("{key:?} has control characters")));
+    }
+    Ok(key)
+}
+
+/// Name of a JSON value's type, for messages.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::TopicPartition;
+    use crate::rules::SourceConfig;
+
+    const LIMITS: ParseLimits = ParseLimits {
+        max_value_bytes: 1024,
+        max_key_bytes: 64,
+    };
+
+    fn rules(key_pointer: Option<&str>) -> Rules {
+        Rules::new(
+            vec![SourceConfig {
+                name: "order-service".into(),
+                topic: "orders".into(),
+                key_pointer: key_pointer.map(Into::into),
+                delete_codes: vec![],
+            }],
+            vec![],
+        )
+        .unwrap()
+    }
+
+    fn record(value: Option<&[u8]>, headers: Vec<(&str, &[u8])>) -> Record {
+        Record {
+            origin: Origin {
+                tp: TopicPartition::new("orders", 1),
+                offset: 7,
+            },
+            key: Some(b"C1".to_vec()),
+            value: value.map(<[u8]>::to_vec),
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+            timestamp_ms: Some(5),
+        }
+    }
+
+    const GOOD: &[u8] = br#"{"metadata":{"timestamp":"2026-10-01T12:00:00Z","message_id":"m1","service_name":"order-service"},"code":"ORDER_CREATED","payload":{"customer_id":"C9","total_amount":1.5}}"#;
+
+    #[test]
+    fn parses_a_good_envelope_with_record_key() {
+        let e = parse(&record(Some(GOOD), vec![]), &rules(None), &LIMITS).unwrap();
+        assert_eq!(e.key, "C1");
+        assert_eq!(e.message_id, "m1");
+        assert_eq!(e.code, "ORDER_CREATED");
+        assert_eq!(e.timestamp_ms, 1_790_856_000_000);
+    }
+
+    #[test]
+    fn header_message_id_wins_and_pointer_key_is_used() {
+        let e = parse(
+            &record(Some(GOOD), vec![("message_id", b"h1")]),
+            &rules(Some("/payload/customer_id")),
+            &LIMITS,
+        )
+        .unwrap();
+        assert_eq!(e.message_id, "h1");
+        assert_eq!(e.key, "C9");
+    }
+
+    #[test]
+    fn tombstone_gets_an_offset_based_id() {
+        let e = parse(&record(None, vec![]), &rules(None), &LIMITS).unwrap();
+        assert_eq!(e.body, Body::Tombstone);
+        assert_eq!(e.message_id, "tombstone/orders[1]/7");
+    }
+
+    #[test]
+    fn each_bad_input_gets_its_reason() {
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"\xff\xfe", "invalid_utf8"),
+            (b"{not json", "invalid_json"),
+            (b"[1,2]", "not_an_object"),
+            (br#"{"code":"X"}"#, "missing_metadata"),
+            (
+                br#"{"metadata":{"message_id":""},"code":"X"}"#,
+                "missing_message_id",
+            ),
+            (br#"{"metadata":{"message_id":"m"}}"#, "missing_code"),
+            (
+                br#"{"metadata":{"message_id":"m","service_name":"shop"},"code":"X"}"#,
+                "service_mismatch",
+            ),
+            (
+                br#"{"metadata":{"message_id":"m","timestamp":"yesterday"},"code":"X"}"#,
+                "bad_timestamp",
+            ),
+        ];
+        for (value, reason) in cases {
+            let err = parse(&record(Some(value), vec![]), &rules(None), &LIMITS).unwrap_err();
+            assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(value));
+        }
+        let big = vec![b' '; 2000];
+        let err = parse(&record(Some(&big), vec![]), &rules(None), &LIMITS).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "value is 2000 bytes, over the limit of 1024"
+        );
+        let err = parse(
+            &record(Some(GOOD), vec![]),
+            &rules(Some("/payload/nope")),
+            &LIMITS,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "missing_key");
+    }
+}

@@ -1,0 +1,26 @@
+//! The actors of the aggregator and what they work on: records and their parsing, the rules and the
+//! fold, the store, and the actor tree of the design card (partition supervisor, entity actor,
+//! dedup actor, offset committer). Nothing here talks to Kafka: records come in, offsets and dead
+//! letters go out through the sinks, so the whole tree runs in tests without a broker.
+
+pub mod aggregate;
+pub mod dead_letter;
+pub mod dedup_actor;
+pub mod entity_actor;
+pub mod entity_registry;
+pub mod envelope;
+pub mod metrics;
+pub mod offset_committer;
+pub mod offset_tracker;
+pub mod partition_supervisor;
+pub mod pipeline;
+pub mod record;
+pub mod rules;
+pub mod store;
+pub mod topology;
+
+pub use aggregate::Aggregate;
+pub use envelope::{Event, ParseLimits, Rejection};
+pub use record::{Origin, Record, TopicPartition};
+pub use rules::{RuleConfig, RuleKind, Rules, SourceConfig};
+pub use store::{Store, StoreError};

@@ -1,0 +1,171 @@
+//! The offset committer: per partition, commits only the lowest offset not yet fully processed,
+//! on an interval; hands a partition's final offset over when it is drained.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::offset_tracker::OffsetTracker;
+use crate::record::{Origin, TopicPartition};
+use crate::topology::Topology;
+
+/// Where commits go: the Kafka consumer in the service, memory in tests.
+pub trait OffsetSink: Send + Sync + 'static {
+    /// Requests a commit of `offsets` (the next offset to read, per partition) without waiting.
+    fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), String>;
+}
+
+/// Offsets are now in flight (sent by the partition supervisor, in offset order).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// The offsets, ascending.
+    pub offsets: Vec<i64>,
+}
+
+/// These records are fully processed and their effect is durable.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Completed {
+    /// The records.
+    pub origins: Vec<Origin>,
+}
+
+/// Resolves once nothing of `tp` is in flight, with the offset to commit for it; stops tracking it.
+#[derive(Message)]
+#[rtype(result = "Option<i64>")]
+pub struct DrainPartition {
+    /// The partition to drain.
+    pub tp: TopicPartition,
+}
+
+/// The offset committer actor.
+pub struct OffsetCommitter {
+    tracker: OffsetTracker,
+    sink: Arc<dyn OffsetSink>,
+    topology: Arc<Topology>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    waiters: HashMap<TopicPartition, Vec<oneshot::Sender<Option<i64>>>>,
+}
+
+impl OffsetCommitter {
+    /// A committer that commits to `sink` every `interval`.
+    pub fn new(
+        sink: Arc<dyn OffsetSink>,
+        topology: Arc<Topology>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+    ) -> Self {
+        OffsetCommitter {
+            tracker: OffsetTracker::default(),
+            sink,
+            topology,
+            metrics,
+            interval,
+            waiters: HashMap::new(),
+        }
+    }
+
+    fn publish_in_flight(&self, tp: &TopicPartition) {
+        if let Some(p) = self.topology.partitions.get(tp) {
+            p.in_flight
+                .store(self.tracker.in_flight(tp) as i64, Ordering::Relaxed);
+        }
+    }
+
+    fn commit_due(&mut self) {
+        let offsets = self.tracker.take_commits();
+        if offsets.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let stats = &self.topology.committer;
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        match self.sink.commit(&offsets) {
+            Ok(()) => {
+                self.metrics
+                    .commit_latency
+                    .observe(started.elapsed().as_secs_f64());
+                if let Ok(mut f) = stats.last_fault.lock() {
+                    *f = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("offset commit failed, will retry: {e}");
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.fault("commit");
+                if let Ok(mut f) = stats.last_fault.lock() {
+                    *f = Some(e);
+                }
+                self.tracker.forget_commits(&offsets);
+            }
+        }
+    }
+
+    fn answer_drained(&mut self, tp: &TopicPartition) {
+        if self.tracker.in_flight(tp) > 0 || !self.waiters.contains_key(tp) {
+            return;
+        }
+        let offset = self.tracker.remove(tp);
+        for waiter in self.waiters.remove(tp).unwrap_or_default() {
+            let _ = waiter.send(offset);
+        }
+    }
+}
+
+impl Actor for OffsetCommitter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.interval, |act, _| act.commit_due());
+    }
+}
+
+impl Handler<Register> for OffsetCommitter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) {
+        for offset in &msg.offsets {
+            self.tracker.register(&msg.tp, *offset);
+        }
+        self.publish_in_flight(&msg.tp);
+    }
+}
+
+impl Handler<Completed> for OffsetCommitter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Completed, _: &mut Self::Context) {
+        let mut touched: Vec<TopicPartition> = Vec::new();
+        for origin in &msg.origins {
+            if self.tracker.complete(origin) && touched.last() != Some(&origin.tp) {
+                touched.push(origin.tp.clone());
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for tp in &touched {
+            self.publish_in_flight(tp);
+            self.answer_drained(tp);
+        }
+    }
+}
+
+impl Handler<DrainPartition> for OffsetCommitter {
+    type Result = ResponseFuture<Option<i64>>;
+
+    fn handle(&mut self, msg: DrainPartition, _: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.entry(msg.tp.clone()).or_default().push(tx);
+        self.answer_drained(&msg.tp);
+        Box::pin(async move { rx.await.ok().flatten() })
+    }
+}

@@ -1,0 +1,166 @@
+//! Per-partition bookkeeping of in-flight offsets: what may be committed is the lowest offset not
+//! yet fully processed, or one past the highest seen when nothing is in flight.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::record::{Origin, TopicPartition};
+
+#[derive(Default, Debug)]
+struct PartitionOffsets {
+    in_flight: BTreeSet<i64>,
+    /// One past the highest offset registered.
+    next: Option<i64>,
+    /// Last offset handed out for commit.
+    committed: Option<i64>,
+}
+
+impl PartitionOffsets {
+    fn committable(&self) -> Option<i64> {
+        self.in_flight.first().copied().or(self.next)
+    }
+}
+
+/// In-flight offsets of every tracked partition.
+#[derive(Default, Debug)]
+pub struct OffsetTracker {
+    parts: HashMap<TopicPartition, PartitionOffsets>,
+}
+
+impl OffsetTracker {
+    /// Records that `offset` of `tp` is now in flight.
+    pub fn register(&mut self, tp: &TopicPartition, offset: i64) {
+        let p = self.parts.entry(tp.clone()).or_default();
+        p.in_flight.insert(offset);
+        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Records that `origin` is fully processed; false if it was not in flight.
+    pub fn complete(&mut self, origin: &Origin) -> bool {
+        self.parts
+            .get_mut(&origin.tp)
+            .is_some_and(|p| p.in_flight.remove(&origin.offset))
+    }
+
+    /// The offset that may be committed for `tp`: nothing before it is unfinished.
+    pub fn committable(&self, tp: &TopicPartition) -> Option<i64> {
+        self.parts.get(tp).and_then(PartitionOffsets::committable)
+    }
+
+    /// Offsets in flight for `tp`.
+    pub fn in_flight(&self, tp: &TopicPartition) -> usize {
+        self.parts.get(tp).map_or(0, |p| p.in_flight.len())
+    }
+
+    /// The partitions whose committable offset moved past their last commit, with that offset;
+    /// they are recorded as committed.
+    pub fn take_commits(&mut self) -> Vec<(TopicPartition, i64)> {
+        let mut out = Vec::new();
+        for (tp, p) in &mut self.parts {
+            if let Some(c) = p.committable() {
+                if p.committed.is_none_or(|done| c > done) {
+                    p.committed = Some(c);
+                    out.push((tp.clone(), c));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Undoes `take_commits` for `offsets` whose commit failed, so the next round retries them.
+    pub fn forget_commits(&mut self, offsets: &[(TopicPartition, i64)]) {
+        for (tp, _) in offsets {
+            if let Some(p) = self.parts.get_mut(tp) {
+                p.committed = None;
+            }
+        }
+    }
+
+    /// Stops tracking `tp`, returning its committable offset.
+    pub fn remove(&mut self, tp: &TopicPartition) -> Option<i64> {
+        self.parts.remove(tp).and_then(|p| p.committable())
+    }
+
+    /// Tracked partitions.
+    pub fn partitions(&self) -> impl Iterator<Item = &TopicPartition> {
+        self.parts.keys()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp() -> TopicPartition {
+        TopicPartition::new("t", 0)
+    }
+
+    fn done(t: &mut OffsetTracker, offset: i64) {
+        assert!(t.complete(&Origin { tp: tp(), offset }));
+    }
+
+    #[test]
+    fn out_of_order_completions_commit_only_the_lowest_unfinished() {
+        let mut t = OffsetTracker::default();
+        for o in 10..15 {
+            t.register(&tp(), o);
+        }
+        done(&mut t, 12);
+        done(&mut t, 14);
+        assert_eq!(t.committable(&tp()), Some(10));
+        done(&mut t, 10);
+        assert_eq!(t.committable(&tp()), Some(11));
+        done(&mut t, 11);
+        assert_eq!(t.committable(&tp()), Some(13));
+        done(&mut t, 13);
+        assert_eq!(t.committable(&tp()), Some(15));
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_hold_back_commits() {
+        let mut t = OffsetTracker::default();
+        for o in [3, 7, 20] {
+            t.register(&tp(), o);
+        }
+        done(&mut t, 3);
+        assert_eq!(t.committable(&tp()), Some(7));
+        done(&mut t, 20);
+        assert_eq!(t.committable(&tp()), Some(7));
+        done(&mut t, 7);
+        assert_eq!(t.committable(&tp()), Some(21));
+    }
+
+    #[test]
+    fn take_commits_reports_each_advance_once_and_never_moves_back() {
+        let mut t = OffsetTracker::default();
+        t.register(&tp(), 0);
+        t.register(&tp(), 1);
+        assert_eq!(t.take_commits(), vec![(tp(), 0)]);
+        assert!(t.take_commits().is_empty());
+        done(&mut t, 0);
+        done(&mut t, 1);
+        assert_eq!(t.take_commits(), vec![(tp(), 2)]);
+        // A redelivered older offset (after a seek back) must not pull the commit backwards.
+        t.register(&tp(), 1);
+        assert!(t.take_commits().is_empty());
+    }
+
+    #[test]
+    fn revoke_mid_flight_returns_the_offset_before_unfinished_work() {
+        let mut t = OffsetTracker::default();
+        for o in 0..5 {
+            t.register(&tp(), o);
+        }
+        done(&mut t, 0);
+        done(&mut t, 1);
+        done(&mut t, 3);
+        assert_eq!(t.in_flight(&tp()), 2);
+        assert_eq!(t.remove(&tp()), Some(2));
+        assert_eq!(t.committable(&tp()), None);
+        // Completions that arrive after the partition left are ignored.
+        assert!(!t.complete(&Origin {
+            tp: tp(),
+            offset: 2
+        }));
+    }
+}

@@ -1,0 +1,274 @@
+//! The live actor tree as shared counters, read by the HTTP API and the consumer's flow control
+//! without messaging the actors.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::entity_registry::EntityRegistry;
+use crate::record::TopicPartition;
+
+/// "Not known yet" for offset gauges.
+pub const UNKNOWN: i64 = -1;
+
+/// Live figures of one assigned partition.
+#[derive(Debug)]
+pub struct PartitionStats {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// Last offset the broker confirmed as committed.
+    pub committed: AtomicI64,
+    /// Next offset the consumer will hand over.
+    pub position: AtomicI64,
+    /// High watermark (end offset) as last reported by the client.
+    pub high_watermark: AtomicI64,
+    /// Records registered and not yet fully processed.
+    pub in_flight: AtomicI64,
+    /// Whether consumption of the partition is paused for backpressure.
+    pub paused: AtomicBool,
+}
+
+impl PartitionStats {
+    /// Fresh figures for `tp`.
+    pub fn new(tp: TopicPartition) -> Self {
+        PartitionStats {
+            tp,
+            committed: AtomicI64::new(UNKNOWN),
+            position: AtomicI64::new(UNKNOWN),
+            high_watermark: AtomicI64::new(UNKNOWN),
+            in_flight: AtomicI64::new(0),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    /// High watermark minus position, when both are known.
+    pub fn lag(&self) -> Option<i64> {
+        let (hw, pos) = (
+            self.high_watermark.load(Ordering::Relaxed),
+            self.position.load(Ordering::Relaxed),
+        );
+        (hw >= 0 && pos >= 0).then(|| (hw - pos).max(0))
+    }
+}
+
+/// Live figures of the dedup actor and its store.
+#[derive(Debug, Default)]
+pub struct DedupStats {
+    /// Message ids checked.
+    pub checks: AtomicU64,
+    /// Checks that found the id already applied.
+    pub hits: AtomicU64,
+    /// Markers written to the store.
+    pub markers_written: AtomicU64,
+    /// Views written to the store.
+    pub views_written: AtomicU64,
+    /// Completed flushes.
+    pub flushes: AtomicU64,
+    /// Events staged and not yet written.
+    pub pending: AtomicU64,
+    /// Store size on disk at the last flush, in bytes.
+    pub store_bytes: AtomicU64,
+    /// The last store fault, cleared by the next success.
+    pub last_fault: Mutex<Option<String>>,
+}
+
+impl DedupStats {
+    /// Records the outcome of a store operation for `/health`.
+    pub fn set_fault(&self, fault: Option<String>) {
+        if let Ok(mut f) = self.last_fault.lock() {
+            *f = fault;
+        }
+    }
+
+    /// The current store fault, if any.
+    pub fn fault(&self) -> Option<String> {
+        self.last_fault.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// Live figures of the offset committer.
+#[derive(Debug, Default)]
+pub struct CommitterStats {
+    /// Commit requests sent.
+    pub commits: AtomicU64,
+    /// Commit requests that failed.
+    pub failures: AtomicU64,
+    /// The last commit fault, cleared by the next success.
+    pub last_fault: Mutex<Option<String>>,
+}
+
+/// Everything `/topology` shows, shared by all actors.
+#[derive(Default)]
+pub struct Topology {
+    /// Assigned partitions.
+    pub partitions: DashMap<TopicPartition, Arc<PartitionStats>>,
+    /// Live entity actors.
+    pub entities: EntityRegistry,
+    /// The dedup actor.
+    pub dedup: DedupStats,
+    /// The offset committer.
+    pub committer: CommitterStats,
+}
+
+/// One partition supervisor in the snapshot.
+#[derive(Debug, Serialize)]
+pub struct PartitionSnapshot {
+    /// Topic.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// Last committed offset, if any.
+    pub committed: Option<i64>,
+    /// High watermark, if known.
+    pub watermark: Option<i64>,
+    /// Next offset to consume, if known.
+    pub position: Option<i64>,
+    /// Records in flight.
+    pub in_flight: i64,
+    /// Watermark minus position, if known.
+    pub lag: Option<i64>,
+    /// Whether the partition is paused for backpressure.
+    pub paused: bool,
+}
+
+/// The whole tree as `/topology` serves it.
+#[derive(Debug, Serialize)]
+pub struct TopologySnapshot {
+    /// Partition supervisors, by topic and partition.
+    pub partitions: Vec<PartitionSnapshot>,
+    /// Entity actors.
+    pub entities: EntitiesSnapshot,
+    /// The dedup actor.
+    pub dedup: DedupSnapshot,
+    /// The offset committer.
+    pub committer: CommitterSnapshot,
+}
+
+/// Entity actors in the snapshot.
+#[derive(Debug, Serialize)]
+pub struct EntitiesSnapshot {
+    /// Live entity actors.
+    pub actors: usize,
+    /// Events waiting in all mailboxes.
+    pub mailbox_total: usize,
+    /// Deepest mailboxes, deepest first.
+    pub busiest: Vec<MailboxSnapshot>,
+}
+
+/// One mailbox in the snapshot.
+#[derive(Debug, Serialize)]
+pub struct MailboxSnapshot {
+    /// Entity key.
+    pub key: String,
+    /// Events waiting.
+    pub depth: usize,
+}
+
+/// The dedup actor in the snapshot.
+#[derive(Debug, Serialize)]
+pub struct DedupSnapshot {
+    /// Message ids checked.
+    pub checks: u64,
+    /// Duplicates dropped.
+    pub hits: u64,
+    /// Markers written.
+    pub markers_written: u64,
+    /// Views written.
+    pub views_written: u64,
+    /// Flushes done.
+    pub flushes: u64,
+    /// Events staged, not yet written.
+    pub pending: u64,
+    /// Store size on disk in bytes.
+    pub store_bytes: u64,
+    /// Current store fault.
+    pub fault: Option<String>,
+}
+
+/// The committer in the snapshot.
+#[derive(Debug, Serialize)]
+pub struct CommitterSnapshot {
+    /// Commit requests sent.
+    pub commits: u64,
+    /// Commit requests failed.
+    pub failures: u64,
+    /// Last committed offset per partition, as `topic[partition]` to offset.
+    pub last_commit: Vec<(String, i64)>,
+    /// Current commit fault.
+    pub fault: Option<String>,
+}
+
+fn known(v: i64) -> Option<i64> {
+    (v >= 0).then_some(v)
+}
+
+impl Topology {
+    /// Figures of `tp`, created on first use.
+    pub fn partition(&self, tp: &TopicPartition) -> Arc<PartitionStats> {
+        self.partitions
+            .entry(tp.clone())
+            .or_insert_with(|| Arc::new(PartitionStats::new(tp.clone())))
+            .clone()
+    }
+
+    /// A consistent-enough picture of the whole tree, with the `busiest` deepest mailboxes.
+    pub fn snapshot(&self, busiest: usize) -> TopologySnapshot {
+        let mut partitions: Vec<PartitionSnapshot> = self
+            .partitions
+            .iter()
+            .map(|p| PartitionSnapshot {
+                topic: p.tp.topic.to_string(),
+                partition: p.tp.partition,
+                committed: known(p.committed.load(Ordering::Relaxed)),
+                watermark: known(p.high_watermark.load(Ordering::Relaxed)),
+                position: known(p.position.load(Ordering::Relaxed)),
+                in_flight: p.in_flight.load(Ordering::Relaxed),
+                lag: p.lag(),
+                paused: p.paused.load(Ordering::Relaxed),
+            })
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let last_commit = partitions
+            .iter()
+            .filter_map(|p| Some((format!("{}[{}]", p.topic, p.partition), p.committed?)))
+            .collect();
+        let d = &self.dedup;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TopologySnapshot {
+            partitions,
+            entities: EntitiesSnapshot {
+                actors: self.entities.len(),
+                mailbox_total: self.entities.mailbox_total(),
+                busiest: self
+                    .entities
+                    .busiest(busiest)
+                    .into_iter()
+                    .map(|(key, depth)| MailboxSnapshot { key, depth })
+                    .collect(),
+            },
+            dedup: DedupSnapshot {
+                checks: load(&d.checks),
+                hits: load(&d.hits),
+                markers_written: load(&d.markers_written),
+                views_written: load(&d.views_written),
+                flushes: load(&d.flushes),
+                pending: load(&d.pending),
+                store_bytes: load(&d.store_bytes),
+                fault: d.fault(),
+            },
+            committer: CommitterSnapshot {
+                commits: load(&self.committer.commits),
+                failures: load(&self.committer.failures),
+                last_commit,
+                fault: self
+                    .committer
+                    .last_fault
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.clone()),
+            },
+        }
+    }
+}
