@@ -1,1 +1,156 @@
-fn main() {}
+//! The `aggregator` command: `run` the service against a Kafka cluster, or `demo` it on an
+//! embedded broker with the seven services simulated.
+
+use std::path::PathBuf;
+
+use aggregator::config::Config;
+use aggregator::demo::{self, DemoOptions};
+use aggregator::generator::GeneratorConfig;
+use aggregator::service;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Folds the events of upstream services from Kafka into one live view per entity.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service against the Kafka cluster of the configuration, until SIGINT or SIGTERM.
+    Run {
+        /// Configuration file; every key can be overridden with AGGREGATOR_<SECTION>__<KEY>.
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Run everything in one process: embedded broker, simulated services, service and HTTP API.
+    Demo {
+        /// Configuration file (its sources and rules; the broker is the embedded one). The
+        /// shipped customer-360 configuration when unset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stop producing after N records, wait until all are applied and committed, and exit.
+        #[arg(long)]
+        events: Option<u64>,
+        /// Records produced per second.
+        #[arg(long, default_value_t = 5_000)]
+        rate: u64,
+        /// Partitions of every topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Distinct customer ids.
+        #[arg(long, default_value_t = 10_000)]
+        customers: u32,
+        /// Share of records re-sent as upstream duplicates.
+        #[arg(long, default_value_t = 0.03)]
+        duplicates: f64,
+        /// Share of records made malformed on purpose.
+        #[arg(long, default_value_t = 0.002)]
+        malformed: f64,
+        /// Seed of the simulated services.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: String,
+        /// Store directory (a temporary one when unset).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// No progress line.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+/// The shipped configuration, used by the demo when no file is given.
+const SHIPPED_CONFIG: &str = include_str!("../config.toml");
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            init_logging("info");
+            let config = Config::load(&config).with_context(|| {
+                format!("refusing to start: bad configuration {}", config.display())
+            })?;
+            actix::System::new().block_on(run(config))
+        }
+        Command::Demo {
+            config,
+            events,
+            rate,
+            partitions,
+            customers,
+            duplicates,
+            malformed,
+            seed,
+            http,
+            store,
+            quiet,
+        } => {
+            init_logging("warn");
+            let mut config = match &config {
+                Some(path) => Config::load(path),
+                None => Config::from_toml(SHIPPED_CONFIG),
+            }
+            .context("refusing to start: bad configuration")?;
+            config.http.bind = http;
+            config.validate().context("refusing to start: bad --http")?;
+            if !(0.0..1.0).contains(&duplicates) || !(0.0..1.0).contains(&malformed) {
+                anyhow::bail!("--duplicates and --malformed must be in [0, 1): got {duplicates} and {malformed}");
+            }
+            if rate == 0 || partitions < 1 || customers == 0 {
+                anyhow::bail!("--rate, --partitions and --customers must be at least 1");
+            }
+            let options = DemoOptions {
+                events,
+                rate,
+                partitions,
+                generator: GeneratorConfig {
+                    seed,
+                    customers,
+                    duplicate_rate: duplicates,
+                    malformed_rate: malformed,
+                },
+                store,
+                progress: !quiet,
+            };
+            let summary = actix::System::new().block_on(demo::run(config, options))?;
+            let secs = summary.elapsed.as_secs_f64();
+            println!(
+                "demo finished: produced {} records, applied {} events, dropped {} duplicates, dead-lettered {} in {:.1}s ({:.0} records/s)",
+                summary.produced,
+                summary.applied,
+                summary.duplicates,
+                summary.dead_lettered,
+                secs,
+                summary.produced as f64 / secs
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let running = service::start(&config).await.context("refusing to start")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    running.shutdown().await.context("shutting down")?;
+    Ok(())
+}

@@ -94,8 +94,7 @@ impl Aggregate {
             Body::Envelope(envelope) => read_inputs(rules, event, envelope)?,
         };
 
-        let deletes =
-            event.body == Body::Tombstone || source.delete_codes.iter().any(|c| *c == event.code);
+        let deletes = event.body == Body::Tombstone || source.delete_codes.contains(&event.code);
         if deletes {
             self.sources.remove(&source.name);
         } else if let Body::Envelope(envelope) = &event.body {

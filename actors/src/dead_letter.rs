@@ -63,7 +63,7 @@ impl DeadLetterer {
 
     /// Dead-letters `record` of `source` for `rejection`. Must run inside an actix system.
     pub fn send(&self, record: Record, source: &str, rejection: &Rejection) {
-        tracing::warn!(origin = %record.origin, reason = rejection.reason(), "dead-lettering: {rejection}");
+        tracing::info!(origin = %record.origin, reason = rejection.reason(), "dead-lettering: {rejection}");
         let letter = DeadLetter {
             record,
             source: source.to_string(),

@@ -60,6 +60,20 @@ pub struct Stage {
     pub origin: Origin,
 }
 
+/// The current view of `key` if it exists (staged or stored), for readers such as the HTTP API.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Aggregate>, StoreError>")]
+pub struct Peek {
+    /// Entity key.
+    pub key: String,
+}
+
+/// Writes and flushes what is staged, then stops the actor and hands the store back so that it
+/// is closed deterministically.
+#[derive(Message)]
+#[rtype(result = "Result<Store, StoreError>")]
+pub struct Release;
+
 /// Writes and flushes everything staged now; resolves when it is durable.
 #[derive(Message)]
 #[rtype(result = "Result<(), StoreError>")]
@@ -67,7 +81,7 @@ pub struct FlushNow;
 
 /// The dedup actor.
 pub struct DedupActor {
-    store: Store,
+    store: Option<Store>,
     committer: Recipient<Completed>,
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
@@ -87,7 +101,7 @@ impl DedupActor {
         interval: Duration,
     ) -> Self {
         DedupActor {
-            store,
+            store: Some(store),
             committer,
             topology,
             metrics,
@@ -96,6 +110,10 @@ impl DedupActor {
             views: HashMap::new(),
             done: Vec::new(),
         }
+    }
+
+    fn store(&self) -> Result<&Store, StoreError> {
+        self.store.as_ref().ok_or(StoreError::Released)
     }
 
     /// Writes the staged markers and views in one atomic batch. On success returns the records
@@ -116,7 +134,7 @@ impl DedupActor {
                 .map_err(|e| StoreError::Write(e.to_string()))?;
         }
         let (markers, views) = (batch.markers as u64, batch.views as u64);
-        if let Err(e) = self.store.write(batch) {
+        if let Err(e) = self.store()?.write(batch) {
             self.metrics.fault("store_write");
             self.topology.dedup.set_fault(Some(e.to_string()));
             return Err(e);
@@ -140,6 +158,9 @@ impl DedupActor {
         let topology = self.topology.clone();
         let metrics = self.metrics.clone();
         async move {
+            let Some(store) = store else {
+                return Err(StoreError::Released);
+            };
             let started = Instant::now();
             let mut delay = Duration::from_millis(10);
             while let Err(e) = store.flush().await {
@@ -196,7 +217,7 @@ impl Handler<Load> for DedupActor {
             return Ok(view.lock().unwrap_or_else(|p| p.into_inner()).clone());
         }
         Ok(self
-            .store
+            .store()?
             .load(&msg.key)?
             .unwrap_or_else(|| Aggregate::new(msg.key, msg.partition)))
     }
@@ -211,7 +232,7 @@ impl Handler<Check> for DedupActor {
         let seen = self
             .markers
             .contains(&(msg.partition, msg.message_id.clone()))
-            || self.store.has_marker(msg.partition, &msg.message_id)?;
+            || self.store()?.has_marker(msg.partition, &msg.message_id)?;
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
             self.done.push(msg.origin);
@@ -245,5 +266,29 @@ impl Handler<FlushNow> for DedupActor {
             Ok(done) => Box::pin(self.flush_and_complete(done).into_actor(self)),
             Err(e) => Box::pin(fut::ready(Err(e))),
         }
+    }
+}
+
+impl Handler<Peek> for DedupActor {
+    type Result = Result<Option<Aggregate>, StoreError>;
+
+    fn handle(&mut self, msg: Peek, _: &mut Self::Context) -> Self::Result {
+        if let Some(view) = self.views.get(&msg.key) {
+            return Ok(Some(view.lock().unwrap_or_else(|p| p.into_inner()).clone()));
+        }
+        self.store()?.load(&msg.key)
+    }
+}
+
+impl Handler<Release> for DedupActor {
+    type Result = ResponseActFuture<Self, Result<Store, StoreError>>;
+
+    fn handle(&mut self, _: Release, ctx: &mut Self::Context) -> Self::Result {
+        let flushed = self.handle(FlushNow, ctx);
+        Box::pin(flushed.map(|res, act, ctx| {
+            res?;
+            ctx.stop();
+            act.store.take().ok_or(StoreError::Released)
+        }))
     }
 }

@@ -26,6 +26,11 @@ pub struct Apply {
     pub record: Record,
 }
 
+/// Stop now (shutdown or chaos): leave the registry and stop after the current event.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Passivate;
+
 /// The entity actor.
 pub struct EntityActor {
     key: String,
@@ -192,5 +197,17 @@ impl Handler<Apply> for EntityActor {
 
     fn handle(&mut self, msg: Apply, ctx: &mut Self::Context) {
         self.check(msg, Duration::from_millis(10), ctx);
+    }
+}
+
+impl Handler<Passivate> for EntityActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
+        self.pipeline
+            .topology
+            .entities
+            .remove(&self.key, &ctx.address());
+        ctx.stop();
     }
 }

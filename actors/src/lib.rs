@@ -22,5 +22,5 @@ pub mod topology;
 pub use aggregate::Aggregate;
 pub use envelope::{Event, ParseLimits, Rejection};
 pub use record::{Origin, Record, TopicPartition};
-pub use rules::{RuleConfig, RuleKind, Rules, SourceConfig};
+pub use rules::{RuleConfig, RuleKind, Rules, RulesError, SourceConfig};
 pub use store::{Store, StoreError};

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
@@ -16,7 +16,7 @@ use crate::topology::Topology;
 
 /// Where commits go: the Kafka consumer in the service, memory in tests.
 pub trait OffsetSink: Send + Sync + 'static {
-    /// Requests a commit of `offsets` (the next offset to read, per partition) without waiting.
+    /// Hands over `offsets` (the next offset to read, per partition) for commit, without waiting.
     fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), String>;
 }
 
@@ -46,6 +46,11 @@ pub struct DrainPartition {
     pub tp: TopicPartition,
 }
 
+/// Stop the committer (at shutdown, after every partition was drained).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
 /// The offset committer actor.
 pub struct OffsetCommitter {
     tracker: OffsetTracker,
@@ -74,30 +79,15 @@ impl OffsetCommitter {
         }
     }
 
-    fn publish_in_flight(&self, tp: &TopicPartition) {
-        if let Some(p) = self.topology.partitions.get(tp) {
-            p.in_flight
-                .store(self.tracker.in_flight(tp) as i64, Ordering::Relaxed);
-        }
-    }
-
     fn commit_due(&mut self) {
         let offsets = self.tracker.take_commits();
         if offsets.is_empty() {
             return;
         }
-        let started = Instant::now();
         let stats = &self.topology.committer;
         stats.commits.fetch_add(1, Ordering::Relaxed);
         match self.sink.commit(&offsets) {
-            Ok(()) => {
-                self.metrics
-                    .commit_latency
-                    .observe(started.elapsed().as_secs_f64());
-                if let Ok(mut f) = stats.last_fault.lock() {
-                    *f = None;
-                }
-            }
+            Ok(()) => {}
             Err(e) => {
                 tracing::warn!("offset commit failed, will retry: {e}");
                 stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -136,7 +126,6 @@ impl Handler<Register> for OffsetCommitter {
         for offset in &msg.offsets {
             self.tracker.register(&msg.tp, *offset);
         }
-        self.publish_in_flight(&msg.tp);
     }
 }
 
@@ -146,14 +135,19 @@ impl Handler<Completed> for OffsetCommitter {
     fn handle(&mut self, msg: Completed, _: &mut Self::Context) {
         let mut touched: Vec<TopicPartition> = Vec::new();
         for origin in &msg.origins {
-            if self.tracker.complete(origin) && touched.last() != Some(&origin.tp) {
-                touched.push(origin.tp.clone());
+            if self.tracker.complete(origin) {
+                // In-flight counts are added by `deliver` and taken off here, once per record.
+                if let Some(p) = self.topology.partitions.get(&origin.tp) {
+                    p.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                if touched.last() != Some(&origin.tp) {
+                    touched.push(origin.tp.clone());
+                }
             }
         }
         touched.sort();
         touched.dedup();
         for tp in &touched {
-            self.publish_in_flight(tp);
             self.answer_drained(tp);
         }
     }
@@ -167,5 +161,13 @@ impl Handler<DrainPartition> for OffsetCommitter {
         self.waiters.entry(msg.tp.clone()).or_default().push(tx);
         self.answer_drained(&msg.tp);
         Box::pin(async move { rx.await.ok().flatten() })
+    }
+}
+
+impl Handler<Shutdown> for OffsetCommitter {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }

@@ -23,6 +23,15 @@ pub struct Deliver {
     pub records: Vec<Record>,
 }
 
+/// Hands `records` (of one partition, in offset order) to its supervisor, counting them in flight
+/// first so that flow control sees records still queued in the supervisor's mailbox.
+pub fn deliver(addr: &Addr<PartitionSupervisor>, stats: &PartitionStats, records: Vec<Record>) {
+    stats
+        .in_flight
+        .fetch_add(records.len() as i64, Ordering::Relaxed);
+    addr.do_send(Deliver { records });
+}
+
 /// Finish the in-flight work and stop; resolves with the offset to commit for the partition.
 #[derive(Message)]
 #[rtype(result = "Option<i64>")]
@@ -80,7 +89,12 @@ impl Actor for PartitionSupervisor {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.pipeline.topology.partitions.remove(&self.tp);
+        // A re-assignment may already have registered fresh figures under the same partition.
+        let stats = &self.stats;
+        self.pipeline
+            .topology
+            .partitions
+            .remove_if(&self.tp, |_, current| Arc::ptr_eq(current, stats));
         tracing::info!(tp = %self.tp, "partition supervisor stopped");
     }
 }

@@ -27,6 +27,9 @@ pub enum StoreError {
     /// A write or flush failed.
     #[error("store write failed: {0}")]
     Write(String),
+    /// The store was handed back at shutdown and is no longer usable here.
+    #[error("the store was released at shutdown")]
+    Released,
     /// A stored view does not decode.
     #[error("stored view of {key:?} does not decode: {source}")]
     Decode {
@@ -96,6 +99,8 @@ impl Store {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            // The dedup actor flushes after every batch; a timer-driven flush would only add I/O.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.to_path_buf(),

@@ -110,6 +110,10 @@ pub struct Topology {
     pub dedup: DedupStats,
     /// The offset committer.
     pub committer: CommitterStats,
+    /// The last consumer or broker fault, cleared when records flow again.
+    pub consumer_fault: Mutex<Option<String>>,
+    /// Whether the consumer has joined its group and received an assignment.
+    pub joined: AtomicBool,
 }
 
 /// One partition supervisor in the snapshot.

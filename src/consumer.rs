@@ -1,0 +1,459 @@
+//! The Kafka side of the service: the consumer-group member that runs on its own thread, turns
+//! polled messages into records for the partition supervisors, pauses partitions whose in-flight
+//! window is full, drains partitions on revocation and commits what the committer hands it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use aggregator_actors::offset_committer::OffsetSink;
+use aggregator_actors::partition_supervisor::{deliver, Drain, PartitionSupervisor};
+use aggregator_actors::pipeline::Pipeline;
+use aggregator_actors::topology::PartitionStats;
+use aggregator_actors::{Origin, Record, TopicPartition};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::Config;
+
+/// The consumer type of the service.
+pub type AggregatorConsumer = BaseConsumer<AggregatorContext>;
+
+/// Why the consumer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError {
+    /// librdkafka refused the configuration or the subscription.
+    #[error("kafka consumer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The consumer thread could not be spawned.
+    #[error("cannot start the consumer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A live partition: its supervisor and its figures.
+struct Assigned {
+    addr: Addr<PartitionSupervisor>,
+    stats: Arc<PartitionStats>,
+}
+
+/// Rebalance, statistics and commit callbacks, and the map of live partition supervisors.
+pub struct AggregatorContext {
+    arbiter: ArbiterHandle,
+    pipeline: Arc<Pipeline>,
+    assigned: Mutex<HashMap<TopicPartition, Assigned>>,
+    drain_timeout: Duration,
+}
+
+impl AggregatorContext {
+    fn assigned(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, Assigned>> {
+        self.assigned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drains the supervisors of `tps` and commits their final offsets synchronously.
+    fn drain(&self, consumer: &AggregatorConsumer, tps: &[TopicPartition]) {
+        let removed: Vec<(TopicPartition, Assigned)> = {
+            let mut assigned = self.assigned();
+            tps.iter()
+                .filter_map(|tp| assigned.remove(tp).map(|a| (tp.clone(), a)))
+                .collect()
+        };
+        if removed.is_empty() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (tp, a) in &removed {
+            let (tx, tp, addr) = (tx.clone(), tp.clone(), a.addr.clone());
+            self.arbiter.spawn(async move {
+                let offset = addr.send(Drain).await.ok().flatten();
+                let _ = tx.send((tp, offset));
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut tpl = TopicPartitionList::new();
+        for _ in 0..removed.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((tp, Some(offset))) => {
+                    let _ =
+                        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
+                }
+                Ok((_, None)) => {}
+                Err(_) => {
+                    tracing::error!(
+                        "partitions did not drain within {:?}; their unfinished records will be redelivered",
+                        self.drain_timeout
+                    );
+                    break;
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => {
+                    for e in tpl.elements() {
+                        if let (Some((_, a)), Offset::Offset(o)) = (
+                            removed.iter().find(|(tp, _)| {
+                                &*tp.topic == e.topic() && tp.partition == e.partition()
+                            }),
+                            e.offset(),
+                        ) {
+                            a.stats.committed.store(o, Ordering::Relaxed);
+                        }
+                    }
+                    tracing::info!(partitions = tpl.count(), "final offsets committed");
+                }
+                Err(e) => {
+                    self.pipeline.metrics.fault("commit");
+                    tracing::warn!("final commit failed; records since the last commit will be redelivered and deduplicated: {e}");
+                }
+            }
+        }
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let mut assigned = self.assigned();
+        for e in tpl.elements() {
+            let tp = TopicPartition::new(e.topic(), e.partition());
+            if assigned.contains_key(&tp) {
+                continue;
+            }
+            let stats = self.pipeline.topology.partition(&tp);
+            let (pipeline, for_actor) = (self.pipeline.clone(), tp.clone());
+            let addr = PartitionSupervisor::start_in_arbiter(&self.arbiter, move |_| {
+                PartitionSupervisor::new(for_actor, pipeline)
+            });
+            assigned.insert(tp, Assigned { addr, stats });
+        }
+        self.pipeline.topology.joined.store(true, Ordering::Relaxed);
+    }
+}
+
+impl ClientContext for AggregatorContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                let tp = TopicPartition::new(topic.as_str(), *partition);
+                if let Some(stats) = self.pipeline.topology.partitions.get(&tp) {
+                    if p.hi_offset >= 0 {
+                        stats.high_watermark.store(p.hi_offset, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!("kafka client error: {error}: {reason}");
+        self.pipeline.metrics.fault("broker");
+        if let Ok(mut f) = self.pipeline.topology.consumer_fault.lock() {
+            *f = Some(format!("{error}: {reason}"));
+        }
+    }
+}
+
+impl ConsumerContext for AggregatorContext {
+    fn pre_rebalance(&self, consumer: &AggregatorConsumer, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let tps: Vec<TopicPartition> = tpl
+                .elements()
+                .iter()
+                .map(|e| TopicPartition::new(e.topic(), e.partition()))
+                .collect();
+            tracing::info!(partitions = tps.len(), "partitions revoked; draining");
+            self.drain(consumer, &tps);
+        }
+    }
+
+    fn post_rebalance(&self, _: &AggregatorConsumer, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+                self.assign(tpl);
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// The committer's sink: hands offsets to the consumer thread, which commits them synchronously
+/// between polls (so the result, and the committed offset `/topology` shows, is known).
+#[derive(Default)]
+pub struct KafkaOffsetSink {
+    due: Mutex<HashMap<TopicPartition, i64>>,
+}
+
+impl KafkaOffsetSink {
+    fn take_due(&self) -> HashMap<TopicPartition, i64> {
+        std::mem::take(&mut *self.due.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts back offsets whose commit failed, unless a newer one is already due.
+    fn retry(&self, offsets: HashMap<TopicPartition, i64>) {
+        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        for (tp, offset) in offsets {
+            due.entry(tp).or_insert(offset);
+        }
+    }
+}
+
+impl OffsetSink for KafkaOffsetSink {
+    fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), String> {
+        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        for (tp, offset) in offsets {
+            due.insert(tp.clone(), *offset);
+        }
+        Ok(())
+    }
+}
+
+/// The running consumer thread.
+pub struct ConsumerThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    done: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl ConsumerThread {
+    /// Creates the consumer, subscribes to every source topic and starts polling on a new thread.
+    /// Supervisors are started on `arbiter`.
+    pub fn start(
+        config: &Config,
+        pipeline: Arc<Pipeline>,
+        sink: Arc<KafkaOffsetSink>,
+        arbiter: ArbiterHandle,
+    ) -> Result<Self, ConsumerError> {
+        let context = AggregatorContext {
+            arbiter,
+            pipeline: pipeline.clone(),
+            assigned: Mutex::new(HashMap::new()),
+            drain_timeout: Config::ms(config.tuning.drain_timeout_ms),
+        };
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.kafka.brokers)
+            .set("group.id", &config.kafka.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", &config.kafka.auto_offset_reset)
+            .set(
+                "session.timeout.ms",
+                config.kafka.session_timeout_ms.to_string(),
+            )
+            .set("statistics.interval.ms", "1000")
+            .set("queued.max.messages.kbytes", "16384");
+        for (k, v) in &config.kafka.properties {
+            client.set(k, v);
+        }
+        let consumer: Arc<AggregatorConsumer> = Arc::new(client.create_with_context(context)?);
+        let topics = pipeline.rules.topics();
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topic_refs)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let poll = PollLoop {
+            consumer,
+            sink,
+            stop: stop.clone(),
+            batch: config.tuning.poll_batch,
+            window: config.tuning.max_in_flight_per_partition as i64,
+        };
+        let handle = std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || {
+                poll.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(ConsumerError::Thread)?;
+        Ok(ConsumerThread {
+            stop,
+            handle: Some(handle),
+            done: Some(done_rx),
+        })
+    }
+
+    /// Stops polling, drains every partition, commits and leaves the group. Awaiting does not
+    /// block the actix thread, which the drain needs.
+    pub async fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct PollLoop {
+    consumer: Arc<AggregatorConsumer>,
+    sink: Arc<KafkaOffsetSink>,
+    stop: Arc<AtomicBool>,
+    batch: usize,
+    window: i64,
+}
+
+impl PollLoop {
+    fn run(self) {
+        let context = self.consumer.context();
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut batches: HashMap<TopicPartition, Vec<Record>> = HashMap::new();
+            let mut taken = 0;
+            let mut wait = Duration::from_millis(100);
+            while taken < self.batch {
+                match self.consumer.poll(wait) {
+                    None => break,
+                    Some(Ok(m)) => {
+                        let record = to_record(&m);
+                        batches
+                            .entry(record.origin.tp.clone())
+                            .or_default()
+                            .push(record);
+                        taken += 1;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("consume error: {e}");
+                        context.pipeline.metrics.fault("broker");
+                        if let Ok(mut f) = context.pipeline.topology.consumer_fault.lock() {
+                            *f = Some(e.to_string());
+                        }
+                        break;
+                    }
+                }
+                wait = Duration::ZERO;
+            }
+            if taken > 0 {
+                if let Ok(mut f) = context.pipeline.topology.consumer_fault.lock() {
+                    *f = None;
+                }
+            }
+            {
+                let assigned = context.assigned();
+                for (tp, records) in batches {
+                    match assigned.get(&tp) {
+                        Some(a) => deliver(&a.addr, &a.stats, records),
+                        // Not ours any more: the new owner reads it again from the committed offset.
+                        None => tracing::debug!(%tp, "records of an unassigned partition dropped"),
+                    }
+                }
+            }
+            self.flow_control();
+            self.commit_due();
+        }
+        let all: Vec<TopicPartition> = context.assigned().keys().cloned().collect();
+        context.drain(&self.consumer, &all);
+        self.consumer.unsubscribe();
+        // Serve the (now empty) revoke callback so the group sees this member leave promptly.
+        while self.consumer.poll(Duration::from_millis(10)).is_some() {}
+    }
+
+    /// Commits what the committer found committable, for partitions still assigned.
+    fn commit_due(&self) {
+        let due = self.sink.take_due();
+        if due.is_empty() {
+            return;
+        }
+        let context = self.consumer.context();
+        let mut tpl = TopicPartitionList::new();
+        let mut committed = Vec::new();
+        {
+            let assigned = context.assigned();
+            for (tp, offset) in &due {
+                if let Some(a) = assigned.get(tp) {
+                    let _ =
+                        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
+                    committed.push((a.stats.clone(), *offset));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let metrics = &context.pipeline.metrics;
+        let stats = &context.pipeline.topology.committer;
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                metrics
+                    .commit_latency
+                    .observe(started.elapsed().as_secs_f64());
+                for (partition, offset) in committed {
+                    partition.committed.store(offset, Ordering::Relaxed);
+                }
+                if let Ok(mut f) = stats.last_fault.lock() {
+                    *f = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("offset commit failed, will retry: {e}");
+                metrics.fault("commit");
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut f) = stats.last_fault.lock() {
+                    *f = Some(e.to_string());
+                }
+                self.sink.retry(due);
+            }
+        }
+    }
+
+    /// Pauses partitions whose in-flight window is full; resumes them at half.
+    fn flow_control(&self) {
+        let assigned = self.consumer.context().assigned();
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for (tp, a) in assigned.iter() {
+            let in_flight = a.stats.in_flight.load(Ordering::Relaxed);
+            let paused = a.stats.paused.load(Ordering::Relaxed);
+            if !paused && in_flight >= self.window {
+                pause.add_partition(&tp.topic, tp.partition);
+                a.stats.paused.store(true, Ordering::Relaxed);
+            } else if paused && in_flight <= self.window / 2 {
+                resume.add_partition(&tp.topic, tp.partition);
+                a.stats.paused.store(false, Ordering::Relaxed);
+            }
+        }
+        drop(assigned);
+        if pause.count() > 0 {
+            tracing::debug!(partitions = pause.count(), "pausing: in-flight window full");
+            if let Err(e) = self.consumer.pause(&pause) {
+                tracing::warn!("pause failed: {e}");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::warn!("resume failed: {e}");
+            }
+        }
+    }
+}
+
+/// Copies a polled message into a record the actors own.
+pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .filter_map(|h| Some((h.key.to_string(), h.value?.to_vec())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        origin: Origin {
+            tp: TopicPartition::new(m.topic(), m.partition()),
+            offset: m.offset(),
+        },
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}

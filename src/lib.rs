@@ -1,0 +1,13 @@
+//! The aggregator service: consumes the events of the configured upstream services from Kafka and
+//! folds them into one live view per entity, served over HTTP. The actors live in the `actors`
+//! crate; this crate holds what faces the outside: configuration, Kafka, HTTP, and the demo.
+
+pub mod config;
+pub mod consumer;
+pub mod dead_letter_producer;
+pub mod demo;
+pub mod embedded_broker;
+pub mod event_producer;
+pub mod generator;
+pub mod http;
+pub mod service;

@@ -1,0 +1,170 @@
+//! Wires the service together: store, actors, Kafka consumer and producer, and the HTTP API; and
+//! takes it apart again in an order that loses nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+use aggregator_actors::dead_letter::{DeadLetterSink, DeadLetterer};
+use aggregator_actors::dedup_actor::{DedupActor, Release};
+use aggregator_actors::entity_actor::Passivate;
+use aggregator_actors::metrics::Metrics;
+use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
+use aggregator_actors::pipeline::Pipeline;
+use aggregator_actors::topology::Topology;
+use aggregator_actors::{RulesError, Store, StoreError};
+
+use crate::config::Config;
+use crate::consumer::{ConsumerError, ConsumerThread, KafkaOffsetSink};
+use crate::dead_letter_producer::KafkaDeadLetters;
+use crate::http::{routes, ApiState};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Sources or rules are inconsistent.
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The dead-letter producer could not be created.
+    #[error("dead-letter producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+    /// The consumer could not start.
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    /// The HTTP API could not bind.
+    #[error("cannot listen on http.bind {bind:?}: {source}")]
+    Http {
+        /// The configured address.
+        bind: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// A running service. Dropping it without [`RunningService::shutdown`] leaves work to be
+/// redelivered, never lost.
+pub struct RunningService {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Live figures of the actor tree.
+    pub topology: Arc<Topology>,
+    /// Exported metrics.
+    pub metrics: Arc<Metrics>,
+    consumer: ConsumerThread,
+    http: actix_web::dev::ServerHandle,
+    dedup: Addr<DedupActor>,
+    committer: Addr<OffsetCommitter>,
+}
+
+/// Starts the service with the configured Kafka dead-letter producer. Must run inside an actix
+/// system; actors run on the current arbiter.
+pub async fn start(config: &Config) -> Result<RunningService, StartError> {
+    let dead_letters = Arc::new(KafkaDeadLetters::new(config)?);
+    start_with(config, dead_letters).await
+}
+
+/// Starts the service with `dead_letters` as the dead-letter sink.
+pub async fn start_with(
+    config: &Config,
+    dead_letters: Arc<dyn DeadLetterSink>,
+) -> Result<RunningService, StartError> {
+    let rules = Arc::new(config.rules()?);
+    let store = Store::open(&config.store.path)?;
+    let topology = Arc::new(Topology::default());
+    let metrics = Arc::new(Metrics::new(&rules));
+    let sink = Arc::new(KafkaOffsetSink::default());
+    let committer = OffsetCommitter::new(
+        sink.clone(),
+        topology.clone(),
+        metrics.clone(),
+        Config::ms(config.tuning.commit_interval_ms),
+    )
+    .start();
+    let dedup = DedupActor::new(
+        store,
+        committer.clone().recipient(),
+        topology.clone(),
+        metrics.clone(),
+        Config::ms(config.store.flush_interval_ms),
+    )
+    .start();
+    let pipeline = Arc::new(Pipeline {
+        rules,
+        limits: config.tuning.limits(),
+        topology: topology.clone(),
+        metrics: metrics.clone(),
+        dedup: dedup.clone(),
+        committer: committer.clone(),
+        dead_letters: DeadLetterer::new(
+            dead_letters,
+            committer.clone().recipient(),
+            metrics.clone(),
+        ),
+        entity_idle: Config::ms(config.tuning.entity_idle_ms),
+    });
+
+    let state = ApiState {
+        topology: topology.clone(),
+        metrics: metrics.clone(),
+        dedup: dedup.clone(),
+        max_key_bytes: config.tuning.max_key_bytes,
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .configure(routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(&config.http.bind)
+    .map_err(|source| StartError::Http {
+        bind: config.http.bind.clone(),
+        source,
+    })?;
+    let http_addr = server.addrs()[0];
+    let server = server.run();
+    let http = server.handle();
+    actix::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("http server stopped: {e}");
+        }
+    });
+
+    let consumer = ConsumerThread::start(config, pipeline, sink, Arbiter::current())?;
+    tracing::info!(%http_addr, store = %config.store.path.display(), "aggregator started");
+    Ok(RunningService {
+        http_addr,
+        topology,
+        metrics,
+        consumer,
+        http,
+        dedup,
+        committer,
+    })
+}
+
+impl RunningService {
+    /// Drains every partition and commits, stops the HTTP API, flushes and closes the store.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        tracing::info!("shutting down: draining partitions");
+        self.consumer.shutdown().await;
+        self.http.stop(true).await;
+        for h in self.topology.entities.handles() {
+            h.addr.do_send(Passivate);
+        }
+        let store = self
+            .dedup
+            .send(Release)
+            .await
+            .map_err(|_| StoreError::Released)??;
+        self.committer.do_send(Shutdown);
+        drop(store);
+        tracing::info!("shut down cleanly");
+        Ok(())
+    }
+}
