@@ -450,3 +450,30 @@ pub fn keys(produced: &[Produced]) -> HashMap<String, usize> {
     }
     out
 }
+
+/// The offsets the broker holds as committed for the service's group, summed over partitions.
+pub fn committed_total(config: &Config) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for source in &config.sources {
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&source.topic, p);
+        }
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .sum()
+}
