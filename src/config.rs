@@ -33,7 +33,7 @@ pub mod defaults {
     /// Interval between offset commits.
     pub const COMMIT_INTERVAL_MS: u64 = 200;
     /// In-flight records per partition before it is paused.
-    pub const MAX_IN_FLIGHT_PER_PARTITION: usize = 20_000;
+    pub const MAX_IN_FLIGHT_PER_PARTITION: usize = 2_000;
     /// Idle time after which an entity actor passivates.
     pub const ENTITY_IDLE_MS: u64 = 30_000;
     /// Largest record value accepted.

@@ -132,6 +132,8 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
         "{spinner} {elapsed_precise} {msg}",
     )?);
     let mut interrupted = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         bar.set_message(progress_line(
             &service,
@@ -143,7 +145,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
         }
         tokio::select! {
             _ = actix::clock::sleep(Duration::from_millis(200)) => {}
-            _ = tokio::signal::ctrl_c() => { interrupted = true; break; }
+            _ = &mut ctrl_c => { interrupted = true; break; }
         }
     }
     producing.stop.store(true, Ordering::Relaxed);
@@ -157,9 +159,10 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
     if interrupted {
         eprintln!("interrupted: shutting down gracefully");
     }
-    let (_, applied, duplicates) = service.metrics.totals();
-    let dead_lettered = service.metrics.dead_lettered_total();
+    let metrics = service.metrics.clone();
     service.shutdown().await?;
+    let (_, applied, duplicates) = metrics.totals();
+    let dead_lettered = metrics.dead_lettered_total();
     drop(broker);
     Ok(DemoSummary {
         produced: acked,
