@@ -2,14 +2,17 @@
 //! the source topics and the dead-letter topic created up front (it does not serve CreateTopics).
 //! It is not `Send`: keep it on the thread that made it.
 
+use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::ClientContext;
 
 use crate::config::Config;
 
 /// A running mock cluster with the configured topics.
 pub struct EmbeddedBroker {
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    /// The client that owns the mock cluster; the cluster lives as long as it does.
+    owner: BaseProducer,
 }
 
 /// Why the embedded broker could not start.
@@ -17,25 +20,50 @@ pub struct EmbeddedBroker {
 #[error("embedded broker: {0}")]
 pub struct BrokerError(#[from] rdkafka::error::KafkaError);
 
+/// Group join delay of the embedded broker. Kafka waits 3 s for more members before the first
+/// assignment; a single process has no one to wait for.
+const INITIAL_REBALANCE_DELAY_MS: i32 = 100;
+
 impl EmbeddedBroker {
     /// Starts a one-broker cluster with every source topic and the dead-letter topic, each with
     /// `partitions` partitions (co-partitioned, as the service expects).
     pub fn start(config: &Config, partitions: i32) -> Result<Self, BrokerError> {
-        let cluster = MockCluster::new(1)?;
-        for source in &config.sources {
-            cluster.create_topic(&source.topic, partitions, 1)?;
+        let owner: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", "1")
+            .create()?;
+        let broker = EmbeddedBroker { owner };
+        {
+            let cluster = broker.cluster();
+            for source in &config.sources {
+                cluster.create_topic(&source.topic, partitions, 1)?;
+            }
+            cluster.create_topic(&config.kafka.dead_letter_topic, partitions, 1)?;
         }
-        cluster.create_topic(&config.kafka.dead_letter_topic, partitions, 1)?;
-        Ok(EmbeddedBroker { cluster })
+        // SAFETY: the handle belongs to `owner`, which is alive, and was created with a mock
+        // cluster (test.mock.num.brokers), so the pointer is non-null; the call only sets a field.
+        unsafe {
+            let handle =
+                rdkafka_sys::rd_kafka_handle_mock_cluster(broker.owner.client().native_ptr());
+            if !handle.is_null() {
+                rdkafka_sys::rd_kafka_mock_group_initial_rebalance_delay_ms(
+                    handle,
+                    INITIAL_REBALANCE_DELAY_MS,
+                );
+            }
+        }
+        Ok(broker)
     }
 
     /// The cluster's `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> String {
-        self.cluster.bootstrap_servers()
+        self.cluster().bootstrap_servers()
     }
 
     /// The mock cluster, for fault injection.
-    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
-        &self.cluster
+    pub fn cluster(&self) -> MockCluster<'_, impl ClientContext> {
+        self.owner
+            .client()
+            .mock_cluster()
+            .expect("the owner was created with test.mock.num.brokers")
     }
 }

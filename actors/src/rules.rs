@@ -165,7 +165,8 @@ pub struct Rules {
     rules: Vec<RuleConfig>,
     /// Per source: its rules that match every code.
     any_code: Vec<Vec<usize>>,
-    /// Per source and code: the rules that match that code.
+    /// Per source and code: the rules that match that code, with the any-code rules merged in,
+    /// in configuration order.
     by_code: Vec<HashMap<String, Vec<usize>>>,
 }
 
@@ -258,6 +259,13 @@ impl Rules {
                 }
             }
         }
+        for (source, codes) in by_code.iter_mut().enumerate() {
+            for idx in codes.values_mut() {
+                idx.extend_from_slice(&any_code[source]);
+                idx.sort_unstable();
+                idx.dedup();
+            }
+        }
         Ok(Rules {
             sources,
             by_topic,
@@ -290,12 +298,11 @@ impl Rules {
 
     /// The rules that an event of `source` with `code` feeds, in configuration order.
     pub fn matching(&self, source: usize, code: &str) -> impl Iterator<Item = &RuleConfig> {
-        let mut idx: Vec<usize> = self.any_code[source].clone();
-        if let Some(more) = self.by_code[source].get(code) {
-            idx.extend_from_slice(more);
-            idx.sort_unstable();
-        }
-        idx.into_iter().map(move |i| &self.rules[i])
+        self.by_code[source]
+            .get(code)
+            .unwrap_or(&self.any_code[source])
+            .iter()
+            .map(move |&i| &self.rules[i])
     }
 
     /// The topics of all sources.
