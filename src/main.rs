@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use aggregator::bench::{self, BenchOptions};
 use aggregator::config::Config;
 use aggregator::demo::{self, DemoOptions};
 use aggregator::generator::GeneratorConfig;
@@ -64,6 +65,40 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Measure the pipeline against a bare consumer on the embedded broker, in one process.
+    Bench {
+        /// Configuration file (sources and rules); the shipped one when unset.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Events per workload.
+        #[arg(long, default_value_t = 2_000_000)]
+        events: u64,
+        /// Distinct entity keys.
+        #[arg(long, default_value_t = 100_000)]
+        keys: u32,
+        /// Partitions per topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Share of upstream duplicates.
+        #[arg(long, default_value_t = 0.03)]
+        duplicates: f64,
+        /// Offered rate in events per second (unlimited when unset).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Offset commit interval in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        commit_interval_ms: u64,
+        /// Most records produced ahead of the consumer (the embedded broker keeps a few MB per
+        /// partition).
+        #[arg(long, default_value_t = 100_000)]
+        ahead: u64,
+        /// Generator seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// glibc's allocator was a quarter of the profile (many small, short-lived JSON allocations);
@@ -106,11 +141,7 @@ fn main() -> anyhow::Result<()> {
             quiet,
         } => {
             init_logging("warn");
-            let mut config = match &config {
-                Some(path) => Config::load(path),
-                None => Config::from_toml(SHIPPED_CONFIG),
-            }
-            .context("refusing to start: bad configuration")?;
+            let mut config = load_or_shipped(&config)?;
             config.http.bind = http;
             config.validate().context("refusing to start: bad --http")?;
             if !(0.0..1.0).contains(&duplicates) || !(0.0..1.0).contains(&malformed) {
@@ -145,7 +176,52 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Bench {
+            config,
+            events,
+            keys,
+            partitions,
+            duplicates,
+            rate,
+            commit_interval_ms,
+            ahead,
+            seed,
+            json,
+        } => {
+            init_logging("warn");
+            let config = load_or_shipped(&config)?;
+            if !(0.0..1.0).contains(&duplicates) {
+                anyhow::bail!("--duplicates must be in [0, 1): got {duplicates}");
+            }
+            let options = BenchOptions {
+                events,
+                keys,
+                partitions,
+                duplicates,
+                rate,
+                commit_interval_ms,
+                ahead,
+                seed,
+            };
+            let report = actix::System::new().block_on(bench::run(config, options))?;
+            println!("{}", bench::render(&report));
+            if let Some(path) = &json {
+                bench::write_json(&report, path)?;
+            }
+            if !report.verified {
+                anyhow::bail!("not every event was applied exactly once: the figures are void");
+            }
+            Ok(())
+        }
     }
+}
+
+fn load_or_shipped(config: &Option<PathBuf>) -> anyhow::Result<Config> {
+    match config {
+        Some(path) => Config::load(path),
+        None => Config::from_toml(SHIPPED_CONFIG),
+    }
+    .context("refusing to start: bad configuration")
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Seconds a store flush took.
     pub flush_latency: Histogram,
+    /// Seconds from a record's timestamp to its effect being durable and its offset committable.
+    pub event_latency: Histogram,
     /// Faults seen, by kind (store_write, store_flush, commit, dead_letter, broker).
     pub faults: IntCounterVec,
 }
@@ -106,6 +108,10 @@ impl Metrics {
             "Seconds from commit request to the broker's answer.",
         );
         let flush_latency = histogram("store_flush_seconds", "Seconds a store flush took.");
+        let event_latency = histogram(
+            "event_latency_seconds",
+            "Seconds from a record's timestamp to its effect being durable and committable.",
+        );
         Metrics {
             registry,
             sources,
@@ -115,6 +121,7 @@ impl Metrics {
             entity_actors,
             commit_latency,
             flush_latency,
+            event_latency,
             faults,
         }
     }

@@ -26,8 +26,8 @@ pub trait OffsetSink: Send + Sync + 'static {
 pub struct Register {
     /// The partition.
     pub tp: TopicPartition,
-    /// The offsets, ascending.
-    pub offsets: Vec<i64>,
+    /// The offsets, ascending, with each record's timestamp (ms since the epoch, 0 if unknown).
+    pub offsets: Vec<(i64, i64)>,
 }
 
 /// These records are fully processed and their effect is durable.
@@ -123,8 +123,8 @@ impl Handler<Register> for OffsetCommitter {
     type Result = ();
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) {
-        for offset in &msg.offsets {
-            self.tracker.register(&msg.tp, *offset);
+        for &(offset, timestamp_ms) in &msg.offsets {
+            self.tracker.register(&msg.tp, offset, timestamp_ms);
         }
     }
 }
@@ -134,8 +134,15 @@ impl Handler<Completed> for OffsetCommitter {
 
     fn handle(&mut self, msg: Completed, _: &mut Self::Context) {
         let mut touched: Vec<TopicPartition> = Vec::new();
+        let now_ms = chrono::Utc::now().timestamp_millis();
         for origin in &msg.origins {
-            if self.tracker.complete(origin) {
+            if let Some(timestamp_ms) = self.tracker.complete(origin) {
+                if timestamp_ms > 0 {
+                    self.topology.record_latency_ms(now_ms - timestamp_ms);
+                    self.metrics
+                        .event_latency
+                        .observe((now_ms - timestamp_ms).max(0) as f64 / 1000.0);
+                }
                 // In-flight counts are added by `deliver` and taken off here, once per record.
                 if let Some(p) = self.topology.partitions.get(&origin.tp) {
                     p.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -1,13 +1,14 @@
 //! Per-partition bookkeeping of in-flight offsets: what may be committed is the lowest offset not
 //! yet fully processed, or one past the highest seen when nothing is in flight.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::record::{Origin, TopicPartition};
 
 #[derive(Default, Debug)]
 struct PartitionOffsets {
-    in_flight: BTreeSet<i64>,
+    /// In-flight offsets with their record timestamps (ms since the epoch, 0 when unknown).
+    in_flight: BTreeMap<i64, i64>,
     /// One past the highest offset registered.
     next: Option<i64>,
     /// Last offset handed out for commit.
@@ -16,7 +17,7 @@ struct PartitionOffsets {
 
 impl PartitionOffsets {
     fn committable(&self) -> Option<i64> {
-        self.in_flight.first().copied().or(self.next)
+        self.in_flight.keys().next().copied().or(self.next)
     }
 }
 
@@ -27,18 +28,18 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
-    /// Records that `offset` of `tp` is now in flight.
-    pub fn register(&mut self, tp: &TopicPartition, offset: i64) {
+    /// Records that `offset` of `tp`, stamped `timestamp_ms`, is now in flight.
+    pub fn register(&mut self, tp: &TopicPartition, offset: i64, timestamp_ms: i64) {
         let p = self.parts.entry(tp.clone()).or_default();
-        p.in_flight.insert(offset);
+        p.in_flight.insert(offset, timestamp_ms);
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 
-    /// Records that `origin` is fully processed; false if it was not in flight.
-    pub fn complete(&mut self, origin: &Origin) -> bool {
+    /// Records that `origin` is fully processed; its timestamp, or `None` if it was not in flight.
+    pub fn complete(&mut self, origin: &Origin) -> Option<i64> {
         self.parts
             .get_mut(&origin.tp)
-            .is_some_and(|p| p.in_flight.remove(&origin.offset))
+            .and_then(|p| p.in_flight.remove(&origin.offset))
     }
 
     /// The offset that may be committed for `tp`: nothing before it is unfinished.
@@ -96,14 +97,14 @@ mod tests {
     }
 
     fn done(t: &mut OffsetTracker, offset: i64) {
-        assert!(t.complete(&Origin { tp: tp(), offset }));
+        assert!(t.complete(&Origin { tp: tp(), offset }).is_some());
     }
 
     #[test]
     fn out_of_order_completions_commit_only_the_lowest_unfinished() {
         let mut t = OffsetTracker::default();
         for o in 10..15 {
-            t.register(&tp(), o);
+            t.register(&tp(), o, 0);
         }
         done(&mut t, 12);
         done(&mut t, 14);
@@ -120,7 +121,7 @@ mod tests {
     fn gaps_in_offsets_do_not_hold_back_commits() {
         let mut t = OffsetTracker::default();
         for o in [3, 7, 20] {
-            t.register(&tp(), o);
+            t.register(&tp(), o, 0);
         }
         done(&mut t, 3);
         assert_eq!(t.committable(&tp()), Some(7));
@@ -133,15 +134,15 @@ mod tests {
     #[test]
     fn take_commits_reports_each_advance_once_and_never_moves_back() {
         let mut t = OffsetTracker::default();
-        t.register(&tp(), 0);
-        t.register(&tp(), 1);
+        t.register(&tp(), 0, 0);
+        t.register(&tp(), 1, 0);
         assert_eq!(t.take_commits(), vec![(tp(), 0)]);
         assert!(t.take_commits().is_empty());
         done(&mut t, 0);
         done(&mut t, 1);
         assert_eq!(t.take_commits(), vec![(tp(), 2)]);
         // A redelivered older offset (after a seek back) must not pull the commit backwards.
-        t.register(&tp(), 1);
+        t.register(&tp(), 1, 0);
         assert!(t.take_commits().is_empty());
     }
 
@@ -149,7 +150,7 @@ mod tests {
     fn revoke_mid_flight_returns_the_offset_before_unfinished_work() {
         let mut t = OffsetTracker::default();
         for o in 0..5 {
-            t.register(&tp(), o);
+            t.register(&tp(), o, 0);
         }
         done(&mut t, 0);
         done(&mut t, 1);
@@ -158,9 +159,11 @@ mod tests {
         assert_eq!(t.remove(&tp()), Some(2));
         assert_eq!(t.committable(&tp()), None);
         // Completions that arrive after the partition left are ignored.
-        assert!(!t.complete(&Origin {
-            tp: tp(),
-            offset: 2
-        }));
+        assert!(t
+            .complete(&Origin {
+                tp: tp(),
+                offset: 2
+            })
+            .is_none());
     }
 }

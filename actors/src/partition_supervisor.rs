@@ -112,7 +112,11 @@ impl Handler<Deliver> for PartitionSupervisor {
         let p = self.pipeline.clone();
         p.committer.do_send(Register {
             tp: self.tp.clone(),
-            offsets: msg.records.iter().map(|r| r.origin.offset).collect(),
+            offsets: msg
+                .records
+                .iter()
+                .map(|r| (r.origin.offset, r.timestamp_ms.unwrap_or(0)))
+                .collect(),
         });
         for record in msg.records {
             let source = p.rules.source_for_topic(&self.tp.topic);

@@ -168,6 +168,16 @@ impl Store {
             .collect()
     }
 
+    /// Number of entity views stored.
+    pub fn entity_count(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for k in self.db.scan_prefix(b"e/").keys() {
+            k.map_err(StoreError::Read)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Size of the store on disk, in bytes.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)

@@ -114,6 +114,26 @@ pub struct Topology {
     pub consumer_fault: Mutex<Option<String>>,
     /// Whether the consumer has joined its group and received an assignment.
     pub joined: AtomicBool,
+    /// Milliseconds from each record's timestamp to durable-and-committable.
+    pub latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+/// Longest latency tracked exactly; longer ones count as this (one hour).
+const LATENCY_MAX_MS: u64 = 3_600_000;
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LatencySummary {
+    /// Events measured.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 95th percentile.
+    pub p95: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
 }
 
 /// One partition supervisor in the snapshot.
@@ -209,6 +229,29 @@ fn known(v: i64) -> Option<i64> {
 }
 
 impl Topology {
+    /// Records one event's latency.
+    pub fn record_latency_ms(&self, ms: i64) {
+        if let Ok(mut h) = self.latency.lock() {
+            let h = h.get_or_insert_with(|| {
+                hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MAX_MS, 3)
+                    .expect("bounds and 3 significant digits are valid")
+            });
+            h.saturating_record((ms.max(1) as u64).min(LATENCY_MAX_MS));
+        }
+    }
+
+    /// Percentiles of the latencies recorded so far, then forgets them.
+    pub fn take_latency(&self) -> Option<LatencySummary> {
+        let h = self.latency.lock().ok()?.take()?;
+        Some(LatencySummary {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p95: h.value_at_quantile(0.95),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        })
+    }
+
     /// Figures of `tp`, created on first use.
     pub fn partition(&self, tp: &TopicPartition) -> Arc<PartitionStats> {
         self.partitions

@@ -31,7 +31,13 @@ pub fn test_config(store: &std::path::Path) -> Config {
     config.tuning.commit_interval_ms = 50;
     config.tuning.entity_idle_ms = 2_000;
     config.http.bind = "127.0.0.1:0".into();
-    config.kafka.session_timeout_ms = 6_000;
+    // The embedded broker holds a group's next join for the session timeout after a member
+    // leaves; a short timeout (with a shorter heartbeat) keeps restarts quick.
+    config.kafka.session_timeout_ms = 3_000;
+    config
+        .kafka
+        .properties
+        .insert("heartbeat.interval.ms".into(), "300".into());
     for source in config.sources.clone() {
         config.rules.push(RuleConfig {
             name: seq_rule(&source.name),

@@ -1,0 +1,362 @@
+//! `aggregator bench`: two workloads over the same generated events on the embedded broker, in
+//! one process: a bare consumer that only parses envelopes (the ceiling on this machine), and the
+//! full service until every offset is committed. Prints both, their ratio, latency, memory, store
+//! size and restart time, and checks that every event was applied.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use serde::Serialize;
+
+use aggregator_actors::topology::LatencySummary;
+
+use crate::config::Config;
+use crate::demo::all_committed;
+use crate::embedded_broker::EmbeddedBroker;
+use crate::event_producer::{Deliveries, EventProducer};
+use crate::generator::{Generator, GeneratorConfig, Kind};
+use crate::service;
+
+/// Options of the benchmark.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Events per workload.
+    pub events: u64,
+    /// Distinct entity keys.
+    pub keys: u32,
+    /// Partitions per topic.
+    pub partitions: i32,
+    /// Share of upstream duplicates.
+    pub duplicates: f64,
+    /// Offered rate in events per second; as fast as possible when unset.
+    pub rate: Option<u64>,
+    /// Offset commit interval of the service.
+    pub commit_interval_ms: u64,
+    /// Most records produced ahead of the consumer, so that the embedded broker's small
+    /// per-partition retention never drops an unread record.
+    pub ahead: u64,
+    /// Seed of the generator.
+    pub seed: u64,
+}
+
+/// One workload's throughput.
+#[derive(Debug, Clone, Serialize)]
+pub struct Workload {
+    /// Events consumed.
+    pub events: u64,
+    /// Seconds from the first event consumed to the last one done.
+    pub seconds: f64,
+    /// Events per second.
+    pub events_per_sec: f64,
+}
+
+/// What the benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Events per workload.
+    pub events: u64,
+    /// Distinct keys.
+    pub keys: u32,
+    /// Partitions per topic (seven topics).
+    pub partitions: i32,
+    /// Offered rate, if limited.
+    pub offered_rate: Option<u64>,
+    /// Commit interval of the service.
+    pub commit_interval_ms: u64,
+    /// The bare consumer.
+    pub baseline: Workload,
+    /// The full service.
+    pub aggregator: Workload,
+    /// aggregator / baseline throughput.
+    pub ratio: f64,
+    /// Record timestamp to durable-and-committable, in milliseconds.
+    pub latency_ms: Option<LatencySummary>,
+    /// Peak resident memory during the aggregator workload, in MiB.
+    pub peak_rss_mib: f64,
+    /// Store size on disk after the run, in bytes.
+    pub store_bytes: u64,
+    /// Entities in the store.
+    pub entities: u64,
+    /// Milliseconds from start to serving views, with the store full.
+    pub restart_serving_ms: f64,
+    /// Milliseconds from start to `/ready` (group joined, partitions assigned), store full.
+    pub restart_ready_ms: f64,
+    /// Events applied, duplicates dropped and dead-lettered match what was produced.
+    pub verified: bool,
+}
+
+/// Produces the generated stream, never more than `ahead` records past `consumed`.
+struct Feeder {
+    handle: JoinHandle<anyhow::Result<(u64, u64)>>,
+    deliveries: Arc<Deliveries>,
+}
+
+impl Feeder {
+    fn start(
+        brokers: &str,
+        config: &Config,
+        options: &BenchOptions,
+        consumed: Arc<dyn Fn() -> u64 + Send + Sync>,
+    ) -> anyhow::Result<Self> {
+        let producer = EventProducer::new(brokers, config.rules()?.topics())?;
+        let deliveries = producer.deliveries.clone();
+        let generator = Generator::new(
+            GeneratorConfig {
+                seed: options.seed,
+                customers: options.keys,
+                duplicate_rate: options.duplicates,
+                malformed_rate: 0.0,
+            },
+            &config.sources,
+        );
+        let (events, ahead, rate) = (options.events, options.ahead, options.rate);
+        let handle = std::thread::Builder::new()
+            .name("bench-producer".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let (mut sent, mut duplicates) = (0u64, 0u64);
+                for g in generator.take(events as usize) {
+                    while sent.saturating_sub(consumed()) >= ahead {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    if let Some(rate) = rate {
+                        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    producer.send(&g)?;
+                    sent += 1;
+                    duplicates += u64::from(g.kind == Kind::Duplicate);
+                }
+                producer.flush(Duration::from_secs(60))?;
+                Ok((sent, duplicates))
+            })?;
+        Ok(Feeder { handle, deliveries })
+    }
+
+    fn join(self) -> anyhow::Result<(u64, u64)> {
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?
+    }
+}
+
+/// The bare consumer: reads the topics and parses every envelope, nothing else.
+fn baseline(config: &Config, options: &BenchOptions) -> anyhow::Result<Workload> {
+    let broker = EmbeddedBroker::start(config, options.partitions)?;
+    let brokers = broker.bootstrap_servers();
+    let consumed = Arc::new(AtomicU64::new(0));
+    let counter = consumed.clone();
+    let feeder = Feeder::start(
+        &brokers,
+        config,
+        options,
+        Arc::new(move || counter.load(Ordering::Relaxed)),
+    )?;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "bench-baseline")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let topics = config.rules()?.topics();
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let mut first: Option<Instant> = None;
+    let mut parsed = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while parsed < options.events && Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        first.get_or_insert_with(Instant::now);
+        let envelope: serde_json::Value =
+            serde_json::from_slice(message.payload().unwrap_or_default())
+                .context("baseline: an envelope does not parse")?;
+        std::hint::black_box(envelope);
+        parsed += 1;
+        consumed.store(parsed, Ordering::Relaxed);
+    }
+    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    feeder.join()?;
+    drop(consumer);
+    drop(broker);
+    Ok(Workload {
+        events: parsed,
+        seconds,
+        events_per_sec: parsed as f64 / seconds.max(1e-9),
+    })
+}
+
+/// Peak resident set of this process in KiB, from /proc.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs both workloads and the restart measurement.
+pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<BenchReport> {
+    if options.events == 0 || options.keys == 0 || options.partitions < 1 || options.ahead == 0 {
+        bail!("--events, --keys, --partitions and --ahead must be at least 1");
+    }
+    config.tuning.commit_interval_ms = options.commit_interval_ms;
+    config.http.bind = "127.0.0.1:0".into();
+    config.kafka.group_id = "bench-aggregator".into();
+    // The embedded broker holds a group's next join for the session timeout (less 1 s) after a
+    // member leaves, which would swamp the restart figure; a short timeout keeps it visible.
+    config.kafka.session_timeout_ms = 2_000;
+    config
+        .kafka
+        .properties
+        .insert("heartbeat.interval.ms".into(), "200".into());
+    let dir = tempfile::tempdir().context("creating the store directory")?;
+    config.store.path = dir.path().join("store");
+    config.validate()?;
+
+    eprintln!(
+        "bench: baseline (bare consumer, parse only), {} events",
+        options.events
+    );
+    let base = {
+        let (config, options) = (config.clone(), options.clone());
+        std::thread::spawn(move || baseline(&config, &options))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the baseline thread panicked"))??
+    };
+
+    eprintln!(
+        "bench: aggregator (full service), {} events",
+        options.events
+    );
+    // Start the peak-RSS measurement afresh for this workload (Linux: clear_refs 5).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let broker = EmbeddedBroker::start(&config, options.partitions)?;
+    config.kafka.brokers = broker.bootstrap_servers();
+    let running = service::start(&config).await?;
+    let metrics = running.metrics.clone();
+    let feeder = Feeder::start(
+        &config.kafka.brokers,
+        &config,
+        &options,
+        Arc::new(move || metrics.totals().0),
+    )?;
+    let mut first: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        if first.is_none() && running.metrics.totals().0 > 0 {
+            first = Some(Instant::now());
+        }
+        if feeder.handle.is_finished() && all_committed(&running, &feeder.deliveries) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the aggregator did not commit every offset within an hour");
+        }
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
+    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
+    let latency = running.topology.take_latency();
+    let (produced, duplicates) = feeder.join()?;
+    let (consumed, applied, dropped) = running.metrics.totals();
+    let dead_lettered = running.metrics.dead_lettered_total();
+    let verified = consumed == produced
+        && applied + dropped + dead_lettered == produced
+        && dropped == duplicates
+        && dead_lettered == 0;
+    let store_bytes = running.topology.dedup.store_bytes.load(Ordering::Relaxed);
+    running.shutdown().await?;
+
+    eprintln!("bench: restart on the full store");
+    let started = Instant::now();
+    let running = service::start(&config).await?;
+    let restart_serving_ms = started.elapsed().as_secs_f64() * 1000.0;
+    while !running.topology.joined.load(Ordering::Relaxed) {
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
+    let restart_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
+    running.shutdown().await?;
+    let entities = aggregator_actors::Store::open(&config.store.path)?.entity_count()? as u64;
+    drop(broker);
+
+    let aggregator = Workload {
+        events: consumed,
+        seconds,
+        events_per_sec: consumed as f64 / seconds.max(1e-9),
+    };
+    Ok(BenchReport {
+        events: options.events,
+        keys: options.keys,
+        partitions: options.partitions,
+        offered_rate: options.rate,
+        commit_interval_ms: options.commit_interval_ms,
+        ratio: aggregator.events_per_sec / base.events_per_sec.max(1e-9),
+        baseline: base,
+        aggregator,
+        latency_ms: latency,
+        peak_rss_mib,
+        store_bytes,
+        entities,
+        restart_serving_ms,
+        restart_ready_ms,
+        verified,
+    })
+}
+
+/// The report as text.
+pub fn render(r: &BenchReport) -> String {
+    let latency = r.latency_ms.map_or_else(
+        || "n/a".to_string(),
+        |l| {
+            format!(
+                "p50 {} ms, p95 {} ms, p99 {} ms, max {} ms over {} events",
+                l.p50, l.p95, l.p99, l.max, l.count
+            )
+        },
+    );
+    format!(
+        "events {} | keys {} | 7 topics x {} partitions | offered {} | commit interval {} ms\n\
+         baseline   (bare consumer) {:>10.0} events/s ({:.2} s)\n\
+         aggregator (full service)  {:>10.0} events/s ({:.2} s)\n\
+         ratio aggregator/baseline  {:>10.3}\n\
+         latency produce->committable: {latency}\n\
+         peak RSS {:.0} MiB | store {:.1} MiB, {} entities | restart: serving {:.0} ms, ready {:.0} ms\n\
+         verified (every event applied once): {}",
+        r.events,
+        r.keys,
+        r.partitions,
+        r.offered_rate.map_or("unlimited".to_string(), |x| format!("{x}/s")),
+        r.commit_interval_ms,
+        r.baseline.events_per_sec,
+        r.baseline.seconds,
+        r.aggregator.events_per_sec,
+        r.aggregator.seconds,
+        r.ratio,
+        r.peak_rss_mib,
+        r.store_bytes as f64 / (1024.0 * 1024.0),
+        r.entities,
+        r.restart_serving_ms,
+        r.restart_ready_ms,
+        r.verified,
+    )
+}
+
+/// Writes the report as JSON to `path`.
+pub fn write_json(r: &BenchReport, path: &PathBuf) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(r)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
