@@ -12,3 +12,4 @@ pub mod event_producer;
 pub mod generator;
 pub mod http;
 pub mod service;
+pub mod verifier;

@@ -7,7 +7,7 @@ use aggregator::bench::{self, BenchOptions};
 use aggregator::config::Config;
 use aggregator::demo::{self, DemoOptions};
 use aggregator::generator::GeneratorConfig;
-use aggregator::service;
+use aggregator::{service, verifier};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -64,6 +64,19 @@ enum Command {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Recompute every view from the source topics and compare with the running service's.
+    /// Exits non-zero on any difference.
+    Verify {
+        /// Configuration file (brokers, sources, rules).
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+        /// Base URL of the service's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Measure the pipeline against a bare consumer on the embedded broker, in one process.
     Bench {
@@ -174,6 +187,21 @@ fn main() -> anyhow::Result<()> {
                 secs,
                 summary.produced as f64 / secs
             );
+            Ok(())
+        }
+        Command::Verify { config, url, json } => {
+            init_logging("warn");
+            let config = Config::load(&config).context("bad configuration")?;
+            let expectation = verifier::expect_from_topics(&config)?;
+            let report = actix::System::new().block_on(verifier::compare(&expectation, &url))?;
+            print!("{}", verifier::render(&report));
+            if let Some(path) = &json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if !report.is_clean() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Bench {

@@ -73,5 +73,27 @@ async fn fifty_thousand_events_give_exact_views_in_order_with_dead_letters_and_c
         .collect();
     assert_eq!(dead, want, "dead letters by origin and reason");
 
+    // The verifier, with its own reading of the topics and its own fold, agrees.
+    let verify_config = config.clone();
+    let expectation =
+        std::thread::spawn(move || aggregator::verifier::expect_from_topics(&verify_config))
+            .join()
+            .unwrap()
+            .unwrap();
+    let report =
+        aggregator::verifier::compare(&expectation, &format!("http://{}", running.http_addr))
+            .await
+            .unwrap();
+    assert!(
+        report.is_clean(),
+        "{}",
+        aggregator::verifier::render(&report)
+    );
+    assert_eq!(report.events_expected, expected.applied);
+    assert_eq!(report.events_applied, expected.applied);
+    assert_eq!(
+        report.dead_lettered.values().sum::<u64>() as usize,
+        expected.dead_letters.len()
+    );
     running.shutdown().await.unwrap();
 }
