@@ -28,6 +28,8 @@ pub mod defaults {
     pub const STORE_PATH: &str = "data/aggregator.sled";
     /// Interval of the store's group commit.
     pub const FLUSH_INTERVAL_MS: u64 = 20;
+    /// Store page cache in MiB.
+    pub const STORE_CACHE_MIB: u64 = 256;
     /// HTTP listen address.
     pub const HTTP_BIND: &str = "127.0.0.1:8080";
     /// Interval between offset commits.
@@ -113,6 +115,8 @@ pub struct StoreConfig {
     /// Milliseconds between group commits: staged events are written in one atomic batch and
     /// flushed, and only then may their offsets be committed.
     pub flush_interval_ms: u64,
+    /// Memory the store may use to cache pages, in MiB.
+    pub cache_mib: u64,
 }
 
 impl Default for StoreConfig {
@@ -120,6 +124,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: defaults::STORE_PATH.into(),
             flush_interval_ms: defaults::FLUSH_INTERVAL_MS,
+            cache_mib: defaults::STORE_CACHE_MIB,
         }
     }
 }
@@ -286,6 +291,7 @@ impl Config {
         }
         let positive = [
             ("store.flush_interval_ms", self.store.flush_interval_ms),
+            ("store.cache_mib", self.store.cache_mib),
             ("tuning.commit_interval_ms", self.tuning.commit_interval_ms),
             ("tuning.entity_idle_ms", self.tuning.entity_idle_ms),
             ("tuning.drain_timeout_ms", self.tuning.drain_timeout_ms),

@@ -74,7 +74,7 @@ pub async fn start_with(
     dead_letters: Arc<dyn DeadLetterSink>,
 ) -> Result<RunningService, StartError> {
     let rules = Arc::new(config.rules()?);
-    let store = Store::open(&config.store.path)?;
+    let store = Store::open_with_cache(&config.store.path, config.store.cache_mib * 1024 * 1024)?;
     let topology = Arc::new(Topology::default());
     let metrics = Arc::new(Metrics::new(&rules));
     let sink = Arc::new(KafkaOffsetSink::default());

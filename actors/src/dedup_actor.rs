@@ -86,7 +86,8 @@ pub struct DedupActor {
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
     interval: Duration,
-    markers: HashSet<(i32, String)>,
+    /// Staged message ids by partition (nested so that a lookup needs no owned key).
+    markers: HashMap<i32, HashSet<String>>,
     views: HashMap<String, SharedAggregate>,
     done: Vec<Origin>,
 }
@@ -106,7 +107,7 @@ impl DedupActor {
             topology,
             metrics,
             interval,
-            markers: HashSet::new(),
+            markers: HashMap::new(),
             views: HashMap::new(),
             done: Vec::new(),
         }
@@ -124,8 +125,10 @@ impl DedupActor {
         }
         let mut batch = WriteBatch::default();
         let now = chrono::Utc::now().timestamp_millis();
-        for (partition, id) in &self.markers {
-            batch.add_marker(*partition, id, now);
+        for (partition, ids) in &self.markers {
+            for id in ids {
+                batch.add_marker(*partition, id, now);
+            }
         }
         for view in self.views.values() {
             let view = view.lock().unwrap_or_else(|p| p.into_inner());
@@ -231,7 +234,8 @@ impl Handler<Check> for DedupActor {
         stats.checks.fetch_add(1, Ordering::Relaxed);
         let seen = self
             .markers
-            .contains(&(msg.partition, msg.message_id.clone()))
+            .get(&msg.partition)
+            .is_some_and(|ids| ids.contains(&msg.message_id))
             || self.store()?.has_marker(msg.partition, &msg.message_id)?;
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -251,7 +255,10 @@ impl Handler<Stage> for DedupActor {
             .unwrap_or_else(|p| p.into_inner())
             .key
             .clone();
-        self.markers.insert((msg.partition, msg.message_id));
+        self.markers
+            .entry(msg.partition)
+            .or_default()
+            .insert(msg.message_id);
         self.views.insert(key, msg.view);
         self.done.push(msg.origin);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);

@@ -40,6 +40,9 @@ pub enum StoreError {
     },
 }
 
+/// Page cache of a store opened with [`Store::open`], in bytes.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
 /// Handle to the sled database. Cheap to clone; reads are safe from any thread, and all writes go
 /// through the dedup actor's batches.
 #[derive(Clone)]
@@ -94,10 +97,16 @@ fn marker_key(partition: i32, message_id: &str) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path` with sled's default cache.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store at `path`, caching at most `cache_bytes` of pages in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_bytes)
             .mode(sled::Mode::HighThroughput)
             // The dedup actor flushes after every batch; a timer-driven flush would only add I/O.
             .flush_every_ms(None)
