@@ -3,6 +3,7 @@
 //! crate; this crate holds what faces the outside: configuration, Kafka, HTTP, and the demo.
 
 pub mod bench;
+pub mod chaos;
 pub mod config;
 pub mod consumer;
 pub mod dead_letter_producer;

@@ -9,6 +9,7 @@ use actix::prelude::*;
 
 use crate::dedup_actor::{Check, Load, SharedAggregate, Stage};
 use crate::envelope::{Event, Rejection};
+use crate::partition_supervisor::ReplayEntity;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
 use crate::store::StoreError;
@@ -23,7 +24,17 @@ pub struct Apply {
     /// The parsed event.
     pub event: Event,
     /// The raw record, kept to dead-letter it if a rule fails.
-    pub record: Record,
+    pub record: Arc<Record>,
+}
+
+/// Chaos: die now, as a crash would, optionally by a panic inside the handler (caught, so that
+/// it takes down this actor only). Events still in the mailbox are lost with it and replayed by
+/// the partition supervisors.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kill {
+    /// Die by a panic rather than by stopping.
+    pub panic: bool,
 }
 
 /// Stop now (shutdown or chaos): leave the registry and stop after the current event.
@@ -39,6 +50,8 @@ pub struct EntityActor {
     pipeline: Arc<Pipeline>,
     mailbox: Arc<AtomicUsize>,
     last_active: Instant,
+    /// Set when the actor dies with work possibly lost, so that its records are replayed.
+    died: bool,
 }
 
 impl EntityActor {
@@ -56,6 +69,7 @@ impl EntityActor {
             pipeline,
             mailbox,
             last_active: Instant::now(),
+            died: false,
         }
     }
 
@@ -121,8 +135,11 @@ impl EntityActor {
             }
             Err(e) => {
                 let source = &p.rules.source(event.source).name;
-                p.dead_letters
-                    .send(record, source, &Rejection::RuleFailed(e.to_string()));
+                p.dead_letters.send(
+                    Record::clone(&record),
+                    source,
+                    &Rejection::RuleFailed(e.to_string()),
+                );
             }
         }
     }
@@ -184,11 +201,19 @@ impl Actor for EntityActor {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        self.pipeline
-            .topology
-            .entities
-            .remove(&self.key, &ctx.address());
-        self.pipeline.metrics.entity_actors.dec();
+        let p = &self.pipeline;
+        p.topology.entities.remove(&self.key, &ctx.address());
+        p.metrics.entity_actors.dec();
+        if self.died || self.mailbox.load(Ordering::Relaxed) > 0 {
+            // Events in the mailbox are gone with it: every supervisor hands its unfinished
+            // records of this key, in offset order, to the next actor of the key.
+            p.metrics.entity_deaths.inc();
+            for s in p.topology.supervisors.iter() {
+                s.do_send(ReplayEntity {
+                    key: self.key.clone(),
+                });
+            }
+        }
     }
 }
 
@@ -208,6 +233,22 @@ impl Handler<Passivate> for EntityActor {
             .topology
             .entities
             .remove(&self.key, &ctx.address());
+        ctx.stop();
+    }
+}
+
+impl Handler<Kill> for EntityActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
+        if msg.panic {
+            let key = self.key.clone();
+            let caught = std::panic::catch_unwind(move || {
+                panic!("chaos: injected panic in the entity actor of {key}")
+            });
+            debug_assert!(caught.is_err());
+        }
+        self.died = true;
         ctx.stop();
     }
 }

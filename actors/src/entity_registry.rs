@@ -1,7 +1,7 @@
 //! The live entity actors by key, shared by the partition supervisors that route to them and by
 //! the HTTP API that reports their mailboxes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::Addr;
@@ -16,18 +16,26 @@ pub struct EntityHandle {
     pub addr: Addr<EntityActor>,
     /// Events waiting in its mailbox.
     pub mailbox: Arc<AtomicUsize>,
+    /// Distinguishes this actor from earlier ones of the same key.
+    pub incarnation: u64,
 }
 
 /// Entity actors by key.
 #[derive(Default)]
 pub struct EntityRegistry {
     actors: DashMap<String, EntityHandle>,
+    incarnations: AtomicU64,
 }
 
 impl EntityRegistry {
     /// The live actor of `key`, if any.
     pub fn get(&self, key: &str) -> Option<EntityHandle> {
         self.actors.get(key).map(|h| h.clone())
+    }
+
+    /// A number no other entity actor had.
+    pub fn next_incarnation(&self) -> u64 {
+        self.incarnations.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Registers the actor of `key`.

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub mailbox_depth: IntGauge,
     /// Entity actors alive.
     pub entity_actors: IntGauge,
+    /// Records handed again to a new entity actor after the previous one died.
+    pub replayed: IntCounter,
+    /// Entity actors that stopped with work pending (killed or panicked).
+    pub entity_deaths: IntCounter,
     /// Seconds from commit request to the broker's answer.
     pub commit_latency: Histogram,
     /// Seconds a store flush took.
@@ -93,6 +97,21 @@ impl Metrics {
         };
         let mailbox_depth = gauge("mailbox_depth", "Events waiting in entity mailboxes.");
         let entity_actors = gauge("entity_actors", "Entity actors alive.");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let replayed = counter(
+            "replayed_total",
+            "Records handed again to a new entity actor after the previous one died.",
+        );
+        let entity_deaths = counter(
+            "entity_deaths_total",
+            "Entity actors that stopped with work pending.",
+        );
         let histogram = |name: &str, help: &str| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(vec![
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -119,6 +138,8 @@ impl Metrics {
             lag,
             mailbox_depth,
             entity_actors,
+            replayed,
+            entity_deaths,
             commit_latency,
             flush_latency,
             event_latency,

@@ -111,6 +111,17 @@ impl OffsetCommitter {
     }
 }
 
+impl OffsetCommitter {
+    fn publish_committable(&self, tp: &TopicPartition) {
+        if let (Some(p), Some(c)) = (
+            self.topology.partitions.get(tp),
+            self.tracker.committable(tp),
+        ) {
+            p.committable.store(c, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Actor for OffsetCommitter {
     type Context = Context<Self>;
 
@@ -126,6 +137,7 @@ impl Handler<Register> for OffsetCommitter {
         for &(offset, timestamp_ms) in &msg.offsets {
             self.tracker.register(&msg.tp, offset, timestamp_ms);
         }
+        self.publish_committable(&msg.tp);
     }
 }
 
@@ -155,6 +167,7 @@ impl Handler<Completed> for OffsetCommitter {
         touched.sort();
         touched.dedup();
         for tp in &touched {
+            self.publish_committable(tp);
             self.answer_drained(tp);
         }
     }

@@ -1,7 +1,10 @@
 //! The partition supervisor: one per assigned topic-partition. It parses records in offset order,
 //! registers them with the committer, routes events to entity actors (spawning them on demand) and
-//! dead-letters what cannot be processed. On revocation it drains and stops.
+//! dead-letters what cannot be processed. It keeps every routed record until the committer has
+//! passed it, so that when an entity actor dies with events in its mailbox, the next actor of that
+//! key gets them again, in offset order, before anything newer. On revocation it drains and stops.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -32,16 +35,64 @@ pub fn deliver(addr: &Addr<PartitionSupervisor>, stats: &PartitionStats, records
     addr.do_send(Deliver { records });
 }
 
+/// The entity actor of `key` died: hand its unfinished records of this partition to the next one.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct ReplayEntity {
+    /// The entity key.
+    pub key: String,
+}
+
 /// Finish the in-flight work and stop; resolves with the offset to commit for the partition.
 #[derive(Message)]
 #[rtype(result = "Option<i64>")]
 pub struct Drain;
+
+/// Routed records not yet passed by the committer, by key, in offset order.
+#[derive(Default)]
+struct Unfinished {
+    order: VecDeque<(i64, String)>,
+    by_key: HashMap<String, VecDeque<(i64, Arc<Record>)>>,
+    /// Per key, the entity actor incarnation that has been sent every unfinished record.
+    sent_to: HashMap<String, u64>,
+}
+
+impl Unfinished {
+    fn push(&mut self, key: &str, record: Arc<Record>) {
+        let offset = record.origin.offset;
+        self.order.push_back((offset, key.to_string()));
+        self.by_key
+            .entry(key.to_string())
+            .or_default()
+            .push_back((offset, record));
+    }
+
+    /// Forgets records below `committable`: their effects are durable.
+    fn prune(&mut self, committable: i64) {
+        while let Some((offset, _)) = self.order.front() {
+            if *offset >= committable {
+                break;
+            }
+            let Some((_, key)) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(list) = self.by_key.get_mut(&key) {
+                list.pop_front();
+                if list.is_empty() {
+                    self.by_key.remove(&key);
+                    self.sent_to.remove(&key);
+                }
+            }
+        }
+    }
+}
 
 /// The partition supervisor.
 pub struct PartitionSupervisor {
     tp: TopicPartition,
     pipeline: Arc<Pipeline>,
     stats: Arc<PartitionStats>,
+    unfinished: Unfinished,
 }
 
 impl PartitionSupervisor {
@@ -52,18 +103,20 @@ impl PartitionSupervisor {
             tp,
             pipeline,
             stats,
+            unfinished: Unfinished::default(),
         }
     }
 
-    fn route(&self, event: Event, record: Record) {
+    /// The live actor of `key`, started if there is none.
+    fn entity(&self, key: &str) -> EntityHandle {
         let p = &self.pipeline;
         let registry = &p.topology.entities;
-        let handle = match registry.get(&event.key) {
+        match registry.get(key) {
             Some(h) if h.addr.connected() => h,
             _ => {
                 let mailbox = Arc::new(AtomicUsize::new(0));
                 let actor = EntityActor::new(
-                    event.key.clone(),
+                    key.to_string(),
                     self.tp.partition,
                     p.clone(),
                     mailbox.clone(),
@@ -71,28 +124,71 @@ impl PartitionSupervisor {
                 let handle = EntityHandle {
                     addr: actor.start(),
                     mailbox,
+                    incarnation: registry.next_incarnation(),
                 };
-                registry.insert(event.key.clone(), handle.clone());
+                registry.insert(key.to_string(), handle.clone());
                 handle
             }
-        };
+        }
+    }
+
+    fn send(handle: &EntityHandle, event: Event, record: Arc<Record>) {
         handle.mailbox.fetch_add(1, Ordering::Relaxed);
         handle.addr.do_send(Apply { event, record });
+    }
+
+    /// Makes sure the live actor of `key` has been sent every unfinished record of the key
+    /// before `before` (all of them when `None`), replaying them if it is a new actor.
+    fn catch_up(&mut self, key: &str, before: Option<i64>) -> EntityHandle {
+        let handle = self.entity(key);
+        let current = self.unfinished.sent_to.get(key).copied();
+        if current != Some(handle.incarnation) {
+            if current.is_some() {
+                let p = &self.pipeline;
+                for (offset, record) in self.unfinished.by_key.get(key).into_iter().flatten() {
+                    if before.is_some_and(|b| *offset >= b) {
+                        break;
+                    }
+                    // It parsed before, so it parses again the same way.
+                    if let Ok(event) = parse(record, &p.rules, &p.limits) {
+                        p.metrics.replayed.inc();
+                        Self::send(&handle, event, record.clone());
+                    }
+                }
+            }
+            self.unfinished
+                .sent_to
+                .insert(key.to_string(), handle.incarnation);
+        }
+        handle
+    }
+
+    fn route(&mut self, event: Event, record: Record) {
+        let record = Arc::new(record);
+        let key = event.key.clone();
+        let offset = record.origin.offset;
+        self.unfinished.push(&key, record.clone());
+        let handle = self.catch_up(&key, Some(offset));
+        Self::send(&handle, event, record);
     }
 }
 
 impl Actor for PartitionSupervisor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Self::Context) {
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.pipeline
+            .topology
+            .supervisors
+            .insert(self.tp.clone(), ctx.address().recipient());
         tracing::info!(tp = %self.tp, "partition supervisor started");
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         // A re-assignment may already have registered fresh figures under the same partition.
         let stats = &self.stats;
-        self.pipeline
-            .topology
+        let topology = &self.pipeline.topology;
+        topology
             .partitions
             .remove_if(&self.tp, |_, current| Arc::ptr_eq(current, stats));
         tracing::info!(tp = %self.tp, "partition supervisor stopped");
@@ -109,6 +205,8 @@ impl Handler<Deliver> for PartitionSupervisor {
         self.stats
             .position
             .store(last.origin.offset + 1, Ordering::Relaxed);
+        self.unfinished
+            .prune(self.stats.committable.load(Ordering::Relaxed));
         let p = self.pipeline.clone();
         p.committer.do_send(Register {
             tp: self.tp.clone(),
@@ -118,8 +216,8 @@ impl Handler<Deliver> for PartitionSupervisor {
                 .map(|r| (r.origin.offset, r.timestamp_ms.unwrap_or(0)))
                 .collect(),
         });
+        let source = p.rules.source_for_topic(&self.tp.topic);
         for record in msg.records {
-            let source = p.rules.source_for_topic(&self.tp.topic);
             if let Some(s) = source {
                 p.metrics.source(s).consumed.inc();
             }
@@ -137,18 +235,74 @@ impl Handler<Deliver> for PartitionSupervisor {
     }
 }
 
+impl Handler<ReplayEntity> for PartitionSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplayEntity, _: &mut Self::Context) {
+        self.unfinished
+            .prune(self.stats.committable.load(Ordering::Relaxed));
+        if self.unfinished.by_key.contains_key(&msg.key) {
+            self.catch_up(&msg.key, None);
+        }
+    }
+}
+
 impl Handler<Drain> for PartitionSupervisor {
     type Result = ResponseActFuture<Self, Option<i64>>;
 
     fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
+        // Replays may still be needed while the partition drains: stay registered until done.
         let drain = self.pipeline.committer.send(DrainPartition {
             tp: self.tp.clone(),
         });
         Box::pin(drain.into_actor(self).map(|res, act, ctx| {
             let offset = res.ok().flatten();
+            act.pipeline.topology.supervisors.remove(&act.tp);
             tracing::info!(tp = %act.tp, ?offset, "partition drained");
             ctx.stop();
             offset
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Origin;
+
+    fn record(offset: i64) -> Arc<Record> {
+        Arc::new(Record {
+            origin: Origin {
+                tp: TopicPartition::new("t", 0),
+                offset,
+            },
+            key: None,
+            value: None,
+            headers: vec![],
+            timestamp_ms: None,
+        })
+    }
+
+    #[test]
+    fn unfinished_records_are_kept_per_key_in_order_until_the_committer_passes_them() {
+        let mut u = Unfinished::default();
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "a"), (3, "a")] {
+            u.push(key, record(offset));
+        }
+        u.sent_to.insert("b".into(), 1);
+        let offsets = |u: &Unfinished, k: &str| -> Vec<i64> {
+            u.by_key
+                .get(k)
+                .into_iter()
+                .flatten()
+                .map(|(o, _)| *o)
+                .collect()
+        };
+        assert_eq!(offsets(&u, "a"), [0, 2, 3]);
+        u.prune(2);
+        assert_eq!(offsets(&u, "a"), [2, 3]);
+        assert!(!u.by_key.contains_key("b") && !u.sent_to.contains_key("b"));
+        u.prune(10);
+        assert!(u.by_key.is_empty() && u.order.is_empty());
     }
 }

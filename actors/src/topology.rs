@@ -8,6 +8,7 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::entity_registry::EntityRegistry;
+use crate::partition_supervisor::ReplayEntity;
 use crate::record::TopicPartition;
 
 /// "Not known yet" for offset gauges.
@@ -26,6 +27,8 @@ pub struct PartitionStats {
     pub high_watermark: AtomicI64,
     /// Records registered and not yet fully processed.
     pub in_flight: AtomicI64,
+    /// Lowest offset not yet fully processed (what a commit would carry now).
+    pub committable: AtomicI64,
     /// Whether consumption of the partition is paused for backpressure.
     pub paused: AtomicBool,
 }
@@ -39,6 +42,7 @@ impl PartitionStats {
             position: AtomicI64::new(UNKNOWN),
             high_watermark: AtomicI64::new(UNKNOWN),
             in_flight: AtomicI64::new(0),
+            committable: AtomicI64::new(UNKNOWN),
             paused: AtomicBool::new(false),
         }
     }
@@ -106,6 +110,8 @@ pub struct Topology {
     pub partitions: DashMap<TopicPartition, Arc<PartitionStats>>,
     /// Live entity actors.
     pub entities: EntityRegistry,
+    /// Live partition supervisors, told to replay an entity's records when it dies.
+    pub supervisors: DashMap<TopicPartition, actix::Recipient<ReplayEntity>>,
     /// The dedup actor.
     pub dedup: DedupStats,
     /// The offset committer.

@@ -89,6 +89,7 @@ pub async fn produce(brokers: &str, config: &Config, records: &[Generated]) -> V
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("partitioner", "consistent_random")
+        .set("queue.buffering.max.messages", "1000000")
         .create()
         .expect("producer");
     let topics: Vec<String> = config.sources.iter().map(|s| s.topic.clone()).collect();

@@ -1,0 +1,102 @@
+//! Chaos for demonstrations and tests: kills entity actors that have events in their mailboxes,
+//! by stopping them or by a panic inside their handler, while events flow. Their supervisors
+//! replay the lost records to the next actor of the key, and dedup keeps replays harmless.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use aggregator_actors::entity_actor::Kill;
+use aggregator_actors::topology::Topology;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// Kills made so far, by kind.
+#[derive(Debug, Default)]
+pub struct KillCounts {
+    /// Entity actors stopped.
+    pub entity_stopped: AtomicU64,
+    /// Entity actors killed by a panic in their handler.
+    pub entity_panicked: AtomicU64,
+}
+
+/// A snapshot of [`KillCounts`].
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Kills {
+    /// Entity actors stopped.
+    pub entity_stopped: u64,
+    /// Entity actors killed by a panic.
+    pub entity_panicked: u64,
+}
+
+impl Kills {
+    /// All kills.
+    pub fn total(&self) -> u64 {
+        self.entity_stopped + self.entity_panicked
+    }
+}
+
+/// Deepest mailboxes a victim is picked from.
+const VICTIMS: usize = 32;
+
+/// The chaos monkey.
+pub struct Chaos {
+    topology: Arc<Topology>,
+    rng: SmallRng,
+    counts: KillCounts,
+}
+
+impl Chaos {
+    /// A monkey over `topology`'s actors, deterministic for `seed`.
+    pub fn new(topology: Arc<Topology>, seed: u64) -> Self {
+        Chaos {
+            topology,
+            rng: SmallRng::seed_from_u64(seed),
+            counts: KillCounts::default(),
+        }
+    }
+
+    /// Kills one entity actor that has events waiting, if any has; returns whether it did.
+    pub fn kill_busy_entity(&mut self) -> bool {
+        let busy = self.topology.entities.busiest(VICTIMS);
+        if busy.is_empty() {
+            return false;
+        }
+        let (key, _) = &busy[self.rng.random_range(0..busy.len())];
+        let Some(handle) = self.topology.entities.get(key) else {
+            return false;
+        };
+        let panic = self.rng.random_bool(0.5);
+        handle.addr.do_send(Kill { panic });
+        let counter = if panic {
+            &self.counts.entity_panicked
+        } else {
+            &self.counts.entity_stopped
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Kills so far.
+    pub fn kills(&self) -> Kills {
+        Kills {
+            entity_stopped: self.counts.entity_stopped.load(Ordering::Relaxed),
+            entity_panicked: self.counts.entity_panicked.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Silences the default panic message for the panics chaos injects on purpose; other panics
+/// still print as usual.
+pub fn quiet_injected_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let injected = info
+            .payload()
+            .downcast_ref::<String>()
+            .is_some_and(|m| m.starts_with("chaos: injected panic"));
+        if !injected {
+            default(info);
+        }
+    }));
+}

@@ -1,0 +1,79 @@
+//! Chaos: while 200,000 events with duplicates flow, entity actors with events in their
+//! mailboxes are killed at random, by stopping them and by panics inside their handlers. Every
+//! view still equals the independent expectation (nothing lost, nothing applied twice, order
+//! kept), and the committed offsets reach the end offsets.
+
+mod common;
+
+use std::time::Duration;
+
+use aggregator::chaos::{quiet_injected_panics, Chaos};
+use aggregator::embedded_broker::EmbeddedBroker;
+use aggregator::service;
+use common::*;
+
+/// Kills to make at least; the run stops killing at twice this.
+const KILLS: u64 = 200;
+
+#[actix_rt::test]
+async fn entity_actors_killed_mid_processing_lose_nothing_and_double_nothing() {
+    quiet_injected_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("store"));
+    let broker = EmbeddedBroker::start(&config, PARTITIONS).unwrap();
+    config.kafka.brokers = broker.bootstrap_servers();
+    let records = generate(&config, 200_000, 3_000, 23);
+    let produced = produce(&config.kafka.brokers, &config, &records).await;
+    let expected = expected(&config, &produced);
+    assert!(
+        expected.duplicates > 4_000,
+        "{} duplicates",
+        expected.duplicates
+    );
+
+    let running = service::start(&config).await.unwrap();
+    let mut chaos = Chaos::new(running.topology.clone(), 99);
+    let ends = end_offsets(&produced);
+    let committed = |running: &service::RunningService| {
+        ends.iter().all(|((topic, partition), end)| {
+            running.topology.partitions.iter().any(|p| {
+                &*p.tp.topic == topic
+                    && p.tp.partition == *partition
+                    && p.committed.load(std::sync::atomic::Ordering::Relaxed) >= *end
+            })
+        })
+    };
+    while !committed(&running) && chaos.kills().total() < 2 * KILLS {
+        chaos.kill_busy_entity();
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+    let kills = chaos.kills();
+    wait_committed(&running, &ends, Duration::from_secs(300)).await;
+    let replayed = running.metrics.replayed.get();
+    let deaths = running.metrics.entity_deaths.get();
+    eprintln!(
+        "chaos: {} entity actors stopped, {} panicked, {deaths} died with work pending, {replayed} records replayed",
+        kills.entity_stopped, kills.entity_panicked
+    );
+    assert!(kills.total() >= KILLS, "only {} kills", kills.total());
+    assert!(
+        kills.entity_stopped > 0 && kills.entity_panicked > 0,
+        "{kills:?}"
+    );
+    assert!(replayed > 0, "no record was replayed");
+
+    let differences = compare_views(&running, &expected).await;
+    assert!(
+        differences.is_empty(),
+        "{} differences, first: {:#?}",
+        differences.len(),
+        &differences[..differences.len().min(20)]
+    );
+    let (_, applied, duplicates) = running.metrics.totals();
+    assert_eq!(applied, expected.applied, "applied exactly once");
+    assert!(
+        duplicates >= expected.duplicates,
+        "replays are dropped as duplicates"
+    );
+    running.shutdown().await.unwrap();
+}
