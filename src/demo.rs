@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::chaos::{Chaos, Kills};
 use crate::config::Config;
 use crate::embedded_broker::EmbeddedBroker;
 use crate::event_producer::{Deliveries, EventProducer};
@@ -31,6 +32,8 @@ pub struct DemoOptions {
     pub store: Option<PathBuf>,
     /// Whether to draw the progress line.
     pub progress: bool,
+    /// Busy entity actors killed per second (0: no chaos).
+    pub chaos_per_sec: u32,
 }
 
 /// Figures of a finished demo.
@@ -46,6 +49,10 @@ pub struct DemoSummary {
     pub dead_lettered: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Kills made by the chaos option.
+    pub kills: Kills,
+    /// Records replayed after kills.
+    pub replayed: u64,
 }
 
 /// Produces generated records at `rate` per second on its own thread, `limit` at most.
@@ -131,10 +138,20 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
     bar.set_style(ProgressStyle::with_template(
         "{spinner} {elapsed_precise} {msg}",
     )?);
+    if options.chaos_per_sec > 0 {
+        crate::chaos::quiet_injected_panics();
+    }
+    let mut chaos = Chaos::new(service.topology.clone(), options.generator.seed);
+    let chaos_every = Duration::from_secs_f64(1.0 / f64::from(options.chaos_per_sec.max(1)));
+    let mut next_kill = Instant::now() + chaos_every;
     let mut interrupted = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
+        if options.chaos_per_sec > 0 && Instant::now() >= next_kill {
+            chaos.kill_busy_entity();
+            next_kill += chaos_every;
+        }
         bar.set_message(progress_line(
             &service,
             producing.produced.load(Ordering::Relaxed),
@@ -144,7 +161,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
             break;
         }
         tokio::select! {
-            _ = actix::clock::sleep(Duration::from_millis(200)) => {}
+            _ = actix::clock::sleep(Duration::from_millis(20)) => {}
             _ = &mut ctrl_c => { interrupted = true; break; }
         }
     }
@@ -170,6 +187,8 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
         duplicates,
         dead_lettered,
         elapsed: started.elapsed(),
+        kills: chaos.kills(),
+        replayed: metrics.replayed.get(),
     })
 }
 

@@ -64,6 +64,10 @@ enum Command {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
+        /// Chaos: kill this many busy entity actors per second (by stop or by panic) while
+        /// events flow; the views stay exact.
+        #[arg(long, default_value_t = 0)]
+        chaos: u32,
     },
     /// Recompute every view from the source topics and compare with the running service's.
     /// Exits non-zero on any difference.
@@ -152,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             http,
             store,
             quiet,
+            chaos,
         } => {
             init_logging("warn");
             let mut config = load_or_shipped(&config)?;
@@ -175,8 +180,15 @@ fn main() -> anyhow::Result<()> {
                 },
                 store,
                 progress: !quiet,
+                chaos_per_sec: chaos,
             };
             let summary = actix::System::new().block_on(demo::run(config, options))?;
+            if summary.kills.total() > 0 {
+                println!(
+                    "chaos: {} entity actors stopped, {} killed by panics, {} records replayed",
+                    summary.kills.entity_stopped, summary.kills.entity_panicked, summary.replayed
+                );
+            }
             let secs = summary.elapsed.as_secs_f64();
             println!(
                 "demo finished: produced {} records, applied {} events, dropped {} duplicates, dead-lettered {} in {:.1}s ({:.0} records/s)",
