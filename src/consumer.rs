@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use aggregator_actors::offset_committer::OffsetSink;
+use aggregator_actors::offset_committer::ResetPartition;
 use aggregator_actors::partition_supervisor::{deliver, Drain, PartitionSupervisor};
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::PartitionStats;
@@ -42,6 +43,9 @@ pub enum ConsumerError {
 struct Assigned {
     addr: Addr<PartitionSupervisor>,
     stats: Arc<PartitionStats>,
+    /// Offset of the first record handed over since assignment, where a rewind goes when
+    /// nothing was registered yet.
+    first_offset: Option<i64>,
 }
 
 /// Rebalance, statistics and commit callbacks, and the map of live partition supervisors.
@@ -119,6 +123,59 @@ impl AggregatorContext {
         }
     }
 
+    /// Restarts partitions whose supervisor died: the committer forgets their in-flight records
+    /// and names the lowest unfinished offset, the consumer rewinds there, and a new supervisor
+    /// takes the records read again (dedup drops what was already applied).
+    fn restart_dead(&self, consumer: &AggregatorConsumer) {
+        let dead: Vec<TopicPartition> = match self.pipeline.topology.dead_partitions.lock() {
+            Ok(mut dead) => std::mem::take(&mut *dead),
+            Err(_) => return,
+        };
+        for tp in dead {
+            let mut assigned = self.assigned();
+            let Some(a) = assigned.get_mut(&tp) else {
+                continue;
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (committer, for_reset) = (self.pipeline.committer.clone(), tp.clone());
+            self.arbiter.spawn(async move {
+                let _ = tx.send(
+                    committer
+                        .send(ResetPartition { tp: for_reset })
+                        .await
+                        .ok()
+                        .flatten(),
+                );
+            });
+            let Ok(committable) = rx.recv_timeout(self.drain_timeout) else {
+                tracing::error!(%tp, "the committer did not answer; leaving the partition for a rebalance");
+                continue;
+            };
+            a.stats.in_flight.store(0, Ordering::Relaxed);
+            if let Some(offset) = committable.or(a.first_offset) {
+                if let Err(e) = consumer.seek(
+                    &tp.topic,
+                    tp.partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(10),
+                ) {
+                    tracing::error!(%tp, "rewinding to {offset} failed: {e}");
+                }
+                tracing::warn!(%tp, offset, "partition rewound after its supervisor died");
+            }
+            if a.stats.paused.swap(false, Ordering::Relaxed) {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&tp.topic, tp.partition);
+                let _ = consumer.resume(&tpl);
+            }
+            let (pipeline, for_actor) = (self.pipeline.clone(), tp.clone());
+            a.addr = PartitionSupervisor::start_in_arbiter(&self.arbiter, move |_| {
+                PartitionSupervisor::new(for_actor, pipeline)
+            });
+            self.pipeline.metrics.supervisor_restarts.inc();
+        }
+    }
+
     fn assign(&self, tpl: &TopicPartitionList) {
         let mut assigned = self.assigned();
         for e in tpl.elements() {
@@ -131,7 +188,14 @@ impl AggregatorContext {
             let addr = PartitionSupervisor::start_in_arbiter(&self.arbiter, move |_| {
                 PartitionSupervisor::new(for_actor, pipeline)
             });
-            assigned.insert(tp, Assigned { addr, stats });
+            assigned.insert(
+                tp,
+                Assigned {
+                    addr,
+                    stats,
+                    first_offset: None,
+                },
+            );
         }
         self.pipeline.topology.joined.store(true, Ordering::Relaxed);
     }
@@ -319,6 +383,8 @@ impl PollLoop {
     fn run(self) {
         let context = self.consumer.context();
         while !self.stop.load(Ordering::Relaxed) {
+            // Before polling: records fetched before a rewind must not reach the new supervisor.
+            context.restart_dead(&self.consumer);
             let mut batches: HashMap<TopicPartition, Vec<Record>> = HashMap::new();
             let mut taken = 0;
             let mut wait = Duration::from_millis(100);
@@ -350,10 +416,15 @@ impl PollLoop {
                 }
             }
             {
-                let assigned = context.assigned();
+                let mut assigned = context.assigned();
                 for (tp, records) in batches {
-                    match assigned.get(&tp) {
-                        Some(a) => deliver(&a.addr, &a.stats, records),
+                    match assigned.get_mut(&tp) {
+                        Some(a) => {
+                            if a.first_offset.is_none() {
+                                a.first_offset = records.first().map(|r| r.origin.offset);
+                            }
+                            deliver(&a.addr, &a.stats, records)
+                        }
                         // Not ours any more: the new owner reads it again from the committed offset.
                         None => tracing::debug!(%tp, "records of an unassigned partition dropped"),
                     }

@@ -149,7 +149,12 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
     tokio::pin!(ctrl_c);
     loop {
         if options.chaos_per_sec > 0 && Instant::now() >= next_kill {
-            chaos.kill_busy_entity();
+            // One kill in ten is a partition supervisor.
+            if chaos.kills().total() % 10 == 9 {
+                chaos.kill_busy_supervisor();
+            } else {
+                chaos.kill_busy_entity();
+            }
             next_kill += chaos_every;
         }
         bar.set_message(progress_line(

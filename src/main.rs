@@ -64,8 +64,8 @@ enum Command {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
-        /// Chaos: kill this many busy entity actors per second (by stop or by panic) while
-        /// events flow; the views stay exact.
+        /// Chaos: kill this many busy actors per second (entity actors, and one in ten a
+        /// partition supervisor; by stop or by panic) while events flow; the views stay exact.
         #[arg(long, default_value_t = 0)]
         chaos: u32,
     },
@@ -184,9 +184,10 @@ fn main() -> anyhow::Result<()> {
             };
             let summary = actix::System::new().block_on(demo::run(config, options))?;
             if summary.kills.total() > 0 {
+                let k = &summary.kills;
                 println!(
-                    "chaos: {} entity actors stopped, {} killed by panics, {} records replayed",
-                    summary.kills.entity_stopped, summary.kills.entity_panicked, summary.replayed
+                    "chaos: entity actors {} stopped, {} killed by panics; partition supervisors {} stopped, {} killed by panics; {} records replayed",
+                    k.entity_stopped, k.entity_panicked, k.supervisor_stopped, k.supervisor_panicked, summary.replayed
                 );
             }
             let secs = summary.elapsed.as_secs_f64();

@@ -1,5 +1,5 @@
-//! Chaos: while 200,000 events with duplicates flow, entity actors with events in their
-//! mailboxes are killed at random, by stopping them and by panics inside their handlers. Every
+//! Chaos: while 200,000 events with duplicates flow, entity actors and partition supervisors with
+//! work in flight are killed at random, by stopping them and by panics inside their handlers. Every
 //! view still equals the independent expectation (nothing lost, nothing applied twice, order
 //! kept), and the committed offsets reach the end offsets.
 
@@ -16,7 +16,7 @@ use common::*;
 const KILLS: u64 = 200;
 
 #[actix_rt::test]
-async fn entity_actors_killed_mid_processing_lose_nothing_and_double_nothing() {
+async fn actors_killed_mid_processing_lose_nothing_and_double_nothing() {
     quiet_injected_panics();
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&dir.path().join("store"));
@@ -43,23 +43,36 @@ async fn entity_actors_killed_mid_processing_lose_nothing_and_double_nothing() {
             })
         })
     };
+    let mut round = 0u64;
     while !committed(&running) && chaos.kills().total() < 2 * KILLS {
-        chaos.kill_busy_entity();
+        round += 1;
+        // One kill in ten is a partition supervisor.
+        if round % 10 == 0 {
+            chaos.kill_busy_supervisor();
+        } else {
+            chaos.kill_busy_entity();
+        }
         actix::clock::sleep(Duration::from_millis(5)).await;
     }
     let kills = chaos.kills();
     wait_committed(&running, &ends, Duration::from_secs(300)).await;
     let replayed = running.metrics.replayed.get();
     let deaths = running.metrics.entity_deaths.get();
+    let restarts = running.metrics.supervisor_restarts.get();
     eprintln!(
-        "chaos: {} entity actors stopped, {} panicked, {deaths} died with work pending, {replayed} records replayed",
-        kills.entity_stopped, kills.entity_panicked
+        "chaos: entity actors {} stopped, {} panicked ({deaths} died with work pending, {replayed} records replayed); partition supervisors {} stopped, {} panicked ({restarts} restarted)",
+        kills.entity_stopped, kills.entity_panicked, kills.supervisor_stopped, kills.supervisor_panicked
     );
     assert!(kills.total() >= KILLS, "only {} kills", kills.total());
     assert!(
         kills.entity_stopped > 0 && kills.entity_panicked > 0,
         "{kills:?}"
     );
+    assert!(
+        kills.supervisor_stopped > 0 && kills.supervisor_panicked > 0,
+        "{kills:?}"
+    );
+    assert!(restarts > 0, "no supervisor was restarted");
     assert!(replayed > 0, "no record was replayed");
 
     let differences = compare_views(&running, &expected).await;

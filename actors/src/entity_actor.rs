@@ -209,7 +209,7 @@ impl Actor for EntityActor {
             // records of this key, in offset order, to the next actor of the key.
             p.metrics.entity_deaths.inc();
             for s in p.topology.supervisors.iter() {
-                s.do_send(ReplayEntity {
+                s.value().do_send(ReplayEntity {
                     key: self.key.clone(),
                 });
             }

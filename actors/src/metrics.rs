@@ -34,6 +34,8 @@ pub struct Metrics {
     pub replayed: IntCounter,
     /// Entity actors that stopped with work pending (killed or panicked).
     pub entity_deaths: IntCounter,
+    /// Partition supervisors restarted after they died.
+    pub supervisor_restarts: IntCounter,
     /// Seconds from commit request to the broker's answer.
     pub commit_latency: Histogram,
     /// Seconds a store flush took.
@@ -108,6 +110,10 @@ impl Metrics {
             "replayed_total",
             "Records handed again to a new entity actor after the previous one died.",
         );
+        let supervisor_restarts = counter(
+            "supervisor_restarts_total",
+            "Partition supervisors restarted after they died.",
+        );
         let entity_deaths = counter(
             "entity_deaths_total",
             "Entity actors that stopped with work pending.",
@@ -140,6 +146,7 @@ impl Metrics {
             entity_actors,
             replayed,
             entity_deaths,
+            supervisor_restarts,
             commit_latency,
             flush_latency,
             event_latency,

@@ -46,6 +46,16 @@ pub struct DrainPartition {
     pub tp: TopicPartition,
 }
 
+/// Forgets what is in flight for `tp` (its supervisor died) and answers the lowest unfinished
+/// offset, from which the partition is read again; completions of the old records are then
+/// ignored, and the records read again are registered afresh.
+#[derive(Message)]
+#[rtype(result = "Option<i64>")]
+pub struct ResetPartition {
+    /// The partition.
+    pub tp: TopicPartition,
+}
+
 /// Stop the committer (at shutdown, after every partition was drained).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -189,5 +199,13 @@ impl Handler<Shutdown> for OffsetCommitter {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+impl Handler<ResetPartition> for OffsetCommitter {
+    type Result = Option<i64>;
+
+    fn handle(&mut self, msg: ResetPartition, _: &mut Self::Context) -> Option<i64> {
+        self.tracker.remove(&msg.tp)
     }
 }

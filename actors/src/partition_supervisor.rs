@@ -43,6 +43,16 @@ pub struct ReplayEntity {
     pub key: String,
 }
 
+/// Chaos: die now, as a crash would, optionally by a panic inside the handler (caught). Its
+/// mailbox and unfinished records are lost; the consumer rewinds the partition to the lowest
+/// unfinished offset and starts a new supervisor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KillSupervisor {
+    /// Die by a panic rather than by stopping.
+    pub panic: bool,
+}
+
 /// Finish the in-flight work and stop; resolves with the offset to commit for the partition.
 #[derive(Message)]
 #[rtype(result = "Option<i64>")]
@@ -93,6 +103,7 @@ pub struct PartitionSupervisor {
     pipeline: Arc<Pipeline>,
     stats: Arc<PartitionStats>,
     unfinished: Unfinished,
+    died: bool,
 }
 
 impl PartitionSupervisor {
@@ -104,6 +115,7 @@ impl PartitionSupervisor {
             pipeline,
             stats,
             unfinished: Unfinished::default(),
+            died: false,
         }
     }
 
@@ -180,14 +192,25 @@ impl Actor for PartitionSupervisor {
         self.pipeline
             .topology
             .supervisors
-            .insert(self.tp.clone(), ctx.address().recipient());
+            .insert(self.tp.clone(), ctx.address());
         tracing::info!(tp = %self.tp, "partition supervisor started");
     }
 
-    fn stopped(&mut self, _: &mut Self::Context) {
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        let topology = &self.pipeline.topology;
+        let me = ctx.address();
+        topology
+            .supervisors
+            .remove_if(&self.tp, |_, current| *current == me);
+        if self.died {
+            tracing::warn!(tp = %self.tp, "partition supervisor died; the partition will be rewound");
+            if let Ok(mut dead) = topology.dead_partitions.lock() {
+                dead.push(self.tp.clone());
+            }
+            return;
+        }
         // A re-assignment may already have registered fresh figures under the same partition.
         let stats = &self.stats;
-        let topology = &self.pipeline.topology;
         topology
             .partitions
             .remove_if(&self.tp, |_, current| Arc::ptr_eq(current, stats));
@@ -247,6 +270,22 @@ impl Handler<ReplayEntity> for PartitionSupervisor {
     }
 }
 
+impl Handler<KillSupervisor> for PartitionSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: KillSupervisor, ctx: &mut Self::Context) {
+        if msg.panic {
+            let tp = self.tp.to_string();
+            let caught = std::panic::catch_unwind(move || {
+                panic!("chaos: injected panic in the partition supervisor of {tp}")
+            });
+            debug_assert!(caught.is_err());
+        }
+        self.died = true;
+        ctx.stop();
+    }
+}
+
 impl Handler<Drain> for PartitionSupervisor {
     type Result = ResponseActFuture<Self, Option<i64>>;
 
@@ -257,7 +296,6 @@ impl Handler<Drain> for PartitionSupervisor {
         });
         Box::pin(drain.into_actor(self).map(|res, act, ctx| {
             let offset = res.ok().flatten();
-            act.pipeline.topology.supervisors.remove(&act.tp);
             tracing::info!(tp = %act.tp, ?offset, "partition drained");
             ctx.stop();
             offset

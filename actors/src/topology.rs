@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::entity_registry::EntityRegistry;
-use crate::partition_supervisor::ReplayEntity;
+use crate::partition_supervisor::PartitionSupervisor;
 use crate::record::TopicPartition;
 
 /// "Not known yet" for offset gauges.
@@ -111,7 +111,9 @@ pub struct Topology {
     /// Live entity actors.
     pub entities: EntityRegistry,
     /// Live partition supervisors, told to replay an entity's records when it dies.
-    pub supervisors: DashMap<TopicPartition, actix::Recipient<ReplayEntity>>,
+    pub supervisors: DashMap<TopicPartition, actix::Addr<PartitionSupervisor>>,
+    /// Partitions whose supervisor died; the consumer rewinds and restarts them.
+    pub dead_partitions: Mutex<Vec<TopicPartition>>,
     /// The dedup actor.
     pub dedup: DedupStats,
     /// The offset committer.
