@@ -176,6 +176,24 @@ impl AggregatorContext {
         }
     }
 
+    /// Shows the group's committed offsets of newly assigned partitions in their figures, so that
+    /// `/topology` is right before the first commit of this assignment.
+    fn show_committed(&self, consumer: &AggregatorConsumer, tpl: &TopicPartitionList) {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(committed) => {
+                for e in committed.elements() {
+                    let tp = TopicPartition::new(e.topic(), e.partition());
+                    if let (Some(stats), Offset::Offset(o)) =
+                        (self.pipeline.topology.partitions.get(&tp), e.offset())
+                    {
+                        stats.committed.store(o, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("reading committed offsets of the assignment: {e}"),
+        }
+    }
+
     fn assign(&self, tpl: &TopicPartitionList) {
         let mut assigned = self.assigned();
         for e in tpl.elements() {
@@ -245,15 +263,25 @@ impl ConsumerContext for AggregatorContext {
                 .map(|e| TopicPartition::new(e.topic(), e.partition()))
                 .collect();
             tracing::info!(partitions = tps.len(), "partitions revoked; draining");
+            self.pipeline
+                .metrics
+                .partitions_revoked
+                .inc_by(tps.len() as u64);
             self.drain(consumer, &tps);
         }
     }
 
-    fn post_rebalance(&self, _: &AggregatorConsumer, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &AggregatorConsumer, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
                 self.assign(tpl);
+                self.show_committed(consumer, tpl);
+                // librdkafka keeps a partition's pause across a rebalance; the new supervisor
+                // starts with nothing in flight, so it starts unpaused.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!("resuming assigned partitions: {e}");
+                }
             }
             Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
             Rebalance::Revoke(_) => {}

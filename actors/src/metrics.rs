@@ -36,6 +36,8 @@ pub struct Metrics {
     pub entity_deaths: IntCounter,
     /// Partition supervisors restarted after they died.
     pub supervisor_restarts: IntCounter,
+    /// Partitions revoked by consumer-group rebalances (each drained and committed first).
+    pub partitions_revoked: IntCounter,
     /// Seconds from commit request to the broker's answer.
     pub commit_latency: Histogram,
     /// Seconds a store flush took.
@@ -114,6 +116,10 @@ impl Metrics {
             "supervisor_restarts_total",
             "Partition supervisors restarted after they died.",
         );
+        let partitions_revoked = counter(
+            "partitions_revoked_total",
+            "Partitions revoked by rebalances, each drained and committed first.",
+        );
         let entity_deaths = counter(
             "entity_deaths_total",
             "Entity actors that stopped with work pending.",
@@ -147,6 +153,7 @@ impl Metrics {
             replayed,
             entity_deaths,
             supervisor_restarts,
+            partitions_revoked,
             commit_latency,
             flush_latency,
             event_latency,
