@@ -3,7 +3,6 @@
 //! full service until every offset is committed. Prints both, their ratio, latency, memory, store
 //! size and restart time, and checks that every event was applied.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -216,13 +215,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     config.tuning.commit_interval_ms = options.commit_interval_ms;
     config.http.bind = "127.0.0.1:0".into();
     config.kafka.group_id = "bench-aggregator".into();
-    // The embedded broker holds a group's next join for the session timeout (less 1 s) after a
-    // member leaves, which would swamp the restart figure; a short timeout keeps it visible.
-    config.kafka.session_timeout_ms = 2_000;
-    config
-        .kafka
-        .properties
-        .insert("heartbeat.interval.ms".into(), "200".into());
+    // Else the embedded broker's hold on a rejoining group would swamp the restart figure.
+    EmbeddedBroker::tune_group_timeouts(&mut config);
     let dir = tempfile::tempdir().context("creating the store directory")?;
     config.store.path = dir.path().join("store");
     config.validate()?;
@@ -353,10 +347,4 @@ pub fn render(r: &BenchReport) -> String {
         r.restart_ready_ms,
         r.verified,
     )
-}
-
-/// Writes the report as JSON to `path`.
-pub fn write_json(r: &BenchReport, path: &PathBuf) -> anyhow::Result<()> {
-    std::fs::write(path, serde_json::to_vec_pretty(r)?)
-        .with_context(|| format!("writing {}", path.display()))
 }

@@ -58,6 +58,18 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// The Kafka headers of a generated record.
+pub fn record_headers(g: &Generated) -> OwnedHeaders {
+    g.headers
+        .iter()
+        .fold(OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
+}
+
 /// A producer for generated records.
 pub struct EventProducer {
     producer: ThreadedProducer<DeliveryContext>,
@@ -86,15 +98,8 @@ impl EventProducer {
 
     /// Enqueues `g`, waiting while the local queue is full.
     pub fn send(&self, g: &Generated) -> Result<(), KafkaError> {
-        let mut headers = OwnedHeaders::new();
-        for (key, value) in &g.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
         let mut record: BaseRecord<'_, str, [u8]> =
-            BaseRecord::to(&self.topics[g.source]).headers(headers);
+            BaseRecord::to(&self.topics[g.source]).headers(record_headers(g));
         if let Some(key) = &g.key {
             record = record.key(key.as_str());
         }

@@ -209,8 +209,7 @@ fn main() -> anyhow::Result<()> {
             let report = actix::System::new().block_on(verifier::compare(&expectation, &url))?;
             print!("{}", verifier::render(&report));
             if let Some(path) = &json {
-                std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                write_json(&report, path)?;
             }
             if !report.is_clean() {
                 std::process::exit(1);
@@ -247,7 +246,7 @@ fn main() -> anyhow::Result<()> {
             let report = actix::System::new().block_on(bench::run(config, options))?;
             println!("{}", bench::render(&report));
             if let Some(path) = &json {
-                bench::write_json(&report, path)?;
+                write_json(&report, path)?;
             }
             if !report.verified {
                 anyhow::bail!("not every event was applied exactly once: the figures are void");
@@ -255,6 +254,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes a report as pretty JSON to `path`.
+fn write_json(report: &impl serde::Serialize, path: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn load_or_shipped(config: &Option<PathBuf>) -> anyhow::Result<Config> {

@@ -386,16 +386,20 @@ pub fn expect_from_topics(config: &Config) -> Result<Expectation, VerifyError> {
     Ok(out)
 }
 
-/// Whether two views agree; numbers compare with a relative tolerance, since the verifier may
-/// add in another order than the service.
-fn differences(path: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
+/// Relative tolerance of number comparisons: the verifier may add in another order than the
+/// service does.
+const RELATIVE_TOLERANCE: f64 = 1e-9;
+
+/// Appends to `out` every difference between the JSON values `want` and `got` under `path`;
+/// numbers agree when within `tolerance` of each other, relative to the larger.
+pub fn differences(path: &str, want: &Value, got: &Value, tolerance: f64, out: &mut Vec<String>) {
     match (want, got) {
         (Value::Number(a), Value::Number(b)) => {
             let (a, b) = (
                 a.as_f64().unwrap_or(f64::NAN),
                 b.as_f64().unwrap_or(f64::NAN),
             );
-            if (a - b).abs() > 1e-9 * a.abs().max(b.abs()).max(1.0) {
+            if a != b && (a - b).abs() > tolerance * a.abs().max(b.abs()).max(1.0) {
                 out.push(format!("{path}: expected {a}, got {b}"));
             }
         }
@@ -405,6 +409,7 @@ fn differences(path: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
                     &format!("{path}.{k}"),
                     v,
                     b.get(k).unwrap_or(&Value::Null),
+                    tolerance,
                     out,
                 );
             }
@@ -414,7 +419,7 @@ fn differences(path: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
         }
         (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                differences(&format!("{path}[{i}]"), x, y, out);
+                differences(&format!("{path}[{i}]"), x, y, tolerance, out);
             }
         }
         (a, b) if a == b => {}
@@ -454,7 +459,7 @@ pub async fn compare(expectation: &Expectation, base: &str) -> Result<Report, Ve
         report.missing += expected_n.saturating_sub(applied_n);
         report.applied_twice += applied_n.saturating_sub(expected_n);
         let mut found = Vec::new();
-        differences(key, want, &got, &mut found);
+        differences(key, want, &got, RELATIVE_TOLERANCE, &mut found);
         if found.is_empty() {
             continue;
         }
@@ -544,10 +549,26 @@ mod tests {
             "k",
             &json!({"a": 0.1 + 0.2, "h": [1, 2]}),
             &json!({"a": 0.3, "h": [1, 2]}),
+            RELATIVE_TOLERANCE,
             &mut out,
         );
         assert!(out.is_empty(), "{out:?}");
-        differences("k", &json!({"h": [1, 2]}), &json!({"h": [2, 1]}), &mut out);
+        differences(
+            "k",
+            &json!({"a": 0.1 + 0.2}),
+            &json!({"a": 0.3}),
+            0.0,
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "exact comparison sees the last bit: {out:?}");
+        out.clear();
+        differences(
+            "k",
+            &json!({"h": [1, 2]}),
+            &json!({"h": [2, 1]}),
+            RELATIVE_TOLERANCE,
+            &mut out,
+        );
         assert_eq!(
             out,
             vec!["k.h[0]: expected 1, got 2", "k.h[1]: expected 2, got 1"]

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use aggregator::embedded_broker::EmbeddedBroker;
 use aggregator::generator::{Generated, Kind};
 use aggregator::service;
 use common::*;
@@ -32,11 +31,8 @@ fn record(source: usize, key: Option<&str>, value: Option<Vec<u8>>) -> Generated
 
 #[actix_rt::test]
 async fn each_bad_record_is_dead_lettered_with_its_reason_and_later_records_apply() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("store"));
+    let (_dir, mut config, _broker) = setup();
     config.tuning.max_value_bytes = 2_048;
-    let broker = EmbeddedBroker::start(&config, PARTITIONS).unwrap();
-    config.kafka.brokers = broker.bootstrap_servers();
     let orders = config
         .sources
         .iter()

@@ -8,16 +8,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aggregator::embedded_broker::EmbeddedBroker;
 use aggregator::service;
 use common::*;
 
 #[actix_rt::test]
 async fn fifty_thousand_events_give_exact_views_in_order_with_dead_letters_and_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("store"));
-    let broker = EmbeddedBroker::start(&config, PARTITIONS).unwrap();
-    config.kafka.brokers = broker.bootstrap_servers();
+    let (_dir, config, _broker) = setup();
 
     let records = generate(&config, 50_000, 2_000, 7);
     let produced = produce(&config.kafka.brokers, &config, &records).await;
@@ -36,13 +32,7 @@ async fn fifty_thousand_events_give_exact_views_in_order_with_dead_letters_and_c
     let running = service::start(&config).await.unwrap();
     wait_committed(&running, &end_offsets(&produced), Duration::from_secs(240)).await;
 
-    let differences = compare_views(&running, &expected).await;
-    assert!(
-        differences.is_empty(),
-        "{} differences, first: {:#?}",
-        differences.len(),
-        &differences[..differences.len().min(20)]
-    );
+    assert_views_exact(&running, &expected).await;
     let (_, applied, duplicates) = running.metrics.totals();
     assert_eq!(applied, expected.applied);
     assert_eq!(duplicates, expected.duplicates);

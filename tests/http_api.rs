@@ -5,17 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use aggregator::embedded_broker::EmbeddedBroker;
 use aggregator::service;
 use common::*;
 use serde_json::Value;
 
 #[actix_rt::test]
 async fn endpoints_answer_json_and_errors_are_4xx() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("store"));
-    let broker = EmbeddedBroker::start(&config, PARTITIONS).unwrap();
-    config.kafka.brokers = broker.bootstrap_servers();
+    let (_dir, config, _broker) = setup();
     let records = generate(&config, 2_000, 100, 3);
     let produced = produce(&config.kafka.brokers, &config, &records).await;
 

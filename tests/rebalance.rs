@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aggregator::embedded_broker::EmbeddedBroker;
 use aggregator::service;
 use common::*;
 use rdkafka::config::ClientConfig;
@@ -46,12 +45,9 @@ fn idle_member(
 
 #[actix_rt::test]
 async fn members_joining_and_leaving_move_partitions_without_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("store"));
+    let (_dir, mut config, _broker) = setup();
     // A small window keeps work in flight at every rebalance.
     config.tuning.max_in_flight_per_partition = 200;
-    let broker = EmbeddedBroker::start(&config, PARTITIONS).unwrap();
-    config.kafka.brokers = broker.bootstrap_servers();
     let records = generate(&config, 60_000, 2_000, 31);
     let produced = produce(&config.kafka.brokers, &config, &records).await;
     let expected = expected(&config, &produced);
@@ -94,13 +90,7 @@ async fn members_joining_and_leaving_move_partitions_without_loss() {
     // Under the eager protocol the service gives up partitions before a member gets any.
     assert!(revoked >= 3 * 14, "only {revoked} partitions revoked");
 
-    let differences = compare_views(&running, &expected).await;
-    assert!(
-        differences.is_empty(),
-        "{} differences, first: {:#?}",
-        differences.len(),
-        &differences[..differences.len().min(20)]
-    );
+    assert_views_exact(&running, &expected).await;
     let (_, applied, _) = running.metrics.totals();
     assert_eq!(applied, expected.applied, "applied exactly once");
     running.shutdown().await.unwrap();

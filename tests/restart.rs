@@ -6,16 +6,12 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use aggregator::embedded_broker::EmbeddedBroker;
 use aggregator::service;
 use common::*;
 
 #[actix_rt::test]
 async fn graceful_stop_mid_stream_and_restart_keep_views_exact() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(&dir.path().join("store"));
-    let broker = EmbeddedBroker::start(&config, PARTITIONS).unwrap();
-    config.kafka.brokers = broker.bootstrap_servers();
+    let (_dir, mut config, _broker) = setup();
     // A small in-flight window: the consumer pauses, so a stop finds records not yet delivered.
     config.tuning.max_in_flight_per_partition = 100;
     let records = generate(&config, 40_000, 1_500, 11);
@@ -52,12 +48,6 @@ async fn graceful_stop_mid_stream_and_restart_keep_views_exact() {
     let expected = expected(&config, &produced);
     let running = service::start(&config).await.unwrap();
     wait_committed(&running, &end_offsets(&produced), Duration::from_secs(240)).await;
-    let differences = compare_views(&running, &expected).await;
-    assert!(
-        differences.is_empty(),
-        "{} differences, first: {:#?}",
-        differences.len(),
-        &differences[..differences.len().min(20)]
-    );
+    assert_views_exact(&running, &expected).await;
     running.shutdown().await.unwrap();
 }

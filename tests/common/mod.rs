@@ -9,15 +9,37 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use aggregator::config::Config;
+use aggregator::embedded_broker::EmbeddedBroker;
+use aggregator::event_producer::record_headers;
 use aggregator::generator::{Generated, Generator, GeneratorConfig};
 use aggregator::service::RunningService;
 use aggregator_actors::{RuleConfig, RuleKind};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
+
+/// A fresh store directory, the test configuration and an embedded broker it points at.
+pub fn setup() -> (tempfile::TempDir, Config, EmbeddedBroker) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut config = test_config(&dir.path().join("store"));
+    let broker = EmbeddedBroker::start(&config, PARTITIONS).expect("embedded broker");
+    config.kafka.brokers = broker.bootstrap_servers();
+    (dir, config, broker)
+}
+
+/// Asserts that every expected view is served exactly, in order.
+pub async fn assert_views_exact(service: &RunningService, expected: &Expected) {
+    let differences = compare_views(service, expected).await;
+    assert!(
+        differences.is_empty(),
+        "{} differences, first: {:#?}",
+        differences.len(),
+        &differences[..differences.len().min(20)]
+    );
+}
 
 /// Partitions of every topic in the suites.
 pub const PARTITIONS: i32 = 4;
@@ -31,13 +53,7 @@ pub fn test_config(store: &std::path::Path) -> Config {
     config.tuning.commit_interval_ms = 50;
     config.tuning.entity_idle_ms = 2_000;
     config.http.bind = "127.0.0.1:0".into();
-    // The embedded broker holds a group's next join for the session timeout after a member
-    // leaves; a short timeout (with a shorter heartbeat) keeps restarts quick.
-    config.kafka.session_timeout_ms = 3_000;
-    config
-        .kafka
-        .properties
-        .insert("heartbeat.interval.ms".into(), "300".into());
+    EmbeddedBroker::tune_group_timeouts(&mut config);
     for source in config.sources.clone() {
         config.rules.push(RuleConfig {
             name: seq_rule(&source.name),
@@ -95,15 +111,8 @@ pub async fn produce(brokers: &str, config: &Config, records: &[Generated]) -> V
     let topics: Vec<String> = config.sources.iter().map(|s| s.topic.clone()).collect();
     let mut deliveries = Vec::with_capacity(records.len());
     for g in records {
-        let mut headers = OwnedHeaders::new();
-        for (key, value) in &g.headers {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
         let mut record: FutureRecord<'_, str, [u8]> =
-            FutureRecord::to(&topics[g.source]).headers(headers);
+            FutureRecord::to(&topics[g.source]).headers(record_headers(g));
         if let Some(k) = &g.key {
             record = record.key(k.as_str());
         }
@@ -338,33 +347,6 @@ pub fn expected(config: &Config, produced: &[Produced]) -> Expected {
     ex
 }
 
-/// Differences between an expected and an actual JSON value; numbers compare by value.
-pub fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>) {
-    match (expected, actual) {
-        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                diff(
-                    &format!("{path}.{k}"),
-                    v,
-                    b.get(k).unwrap_or(&Value::Null),
-                    out,
-                );
-            }
-            for k in b.keys().filter(|k| !a.contains_key(*k)) {
-                out.push(format!("{path}.{k}: unexpected {}", b[k]));
-            }
-        }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                diff(&format!("{path}[{i}]"), x, y, out);
-            }
-        }
-        (a, b) if a == b => {}
-        (a, b) => out.push(format!("{path}: expected {a}, got {b}")),
-    }
-}
-
 /// Fetches every expected view over HTTP and returns the differences (empty when all match),
 /// checking also that each source's applied sequence numbers are in increasing order.
 pub async fn compare_views(service: &RunningService, expected: &Expected) -> Vec<String> {
@@ -386,7 +368,8 @@ pub async fn compare_views(service: &RunningService, expected: &Expected) -> Vec
                 }
             }
         }
-        diff(key, want, &got, &mut out);
+        // Exact: the expectation adds in the same order as the service.
+        aggregator::verifier::differences(key, want, &got, 0.0, &mut out);
     }
     out
 }
