@@ -12,6 +12,7 @@ use aggregator_actors::entity_actor::Passivate;
 use aggregator_actors::metrics::Metrics;
 use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
 use aggregator_actors::pipeline::Pipeline;
+use aggregator_actors::store::FaultInjector;
 use aggregator_actors::topology::Topology;
 use aggregator_actors::{RulesError, Store, StoreError};
 
@@ -59,6 +60,7 @@ pub struct RunningService {
     http: actix_web::dev::ServerHandle,
     dedup: Addr<DedupActor>,
     committer: Addr<OffsetCommitter>,
+    store_faults: FaultInjector,
 }
 
 /// Starts the service with the configured Kafka dead-letter producer. Must run inside an actix
@@ -75,6 +77,7 @@ pub async fn start_with(
 ) -> Result<RunningService, StartError> {
     let rules = Arc::new(config.rules()?);
     let store = Store::open_with_cache(&config.store.path, config.store.cache_mib * 1024 * 1024)?;
+    let store_faults = store.fault_injector();
     let topology = Arc::new(Topology::default());
     let metrics = Arc::new(Metrics::new(&rules));
     let sink = Arc::new(KafkaOffsetSink::default());
@@ -145,10 +148,16 @@ pub async fn start_with(
         http,
         dedup,
         committer,
+        store_faults,
     })
 }
 
 impl RunningService {
+    /// Injects store write faults (tests of fault handling).
+    pub fn store_faults(&self) -> &FaultInjector {
+        &self.store_faults
+    }
+
     /// Drains every partition and commits, stops the HTTP API, flushes and closes the store.
     pub async fn shutdown(self) -> Result<(), StoreError> {
         tracing::info!("shutting down: draining partitions");

@@ -6,6 +6,8 @@
 //! marks a message as applied (its value is the time it was written, for expiry).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::aggregate::Aggregate;
 
@@ -49,6 +51,25 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    faults: FaultInjector,
+}
+
+/// Makes the store's next writes fail, for tests of fault handling. Holding it does not keep the
+/// store open.
+#[derive(Clone, Debug, Default)]
+pub struct FaultInjector(Arc<AtomicU64>);
+
+impl FaultInjector {
+    /// Makes the next `n` batch writes fail.
+    pub fn fail_next_writes(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 /// One atomic write: markers, views and index entries applied together or not at all.
@@ -118,7 +139,13 @@ impl Store {
         Ok(Store {
             db,
             path: path.to_path_buf(),
+            faults: FaultInjector::default(),
         })
+    }
+
+    /// The handle that injects write faults into this store.
+    pub fn fault_injector(&self) -> FaultInjector {
+        self.faults.clone()
     }
 
     /// Path the store was opened at.
@@ -150,6 +177,9 @@ impl Store {
 
     /// Applies `batch` atomically; visible to reads at once, durable after [`Store::flush`].
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        if self.faults.take() {
+            return Err(StoreError::Write("injected fault".into()));
+        }
         self.db
             .apply_batch(batch.batch)
             .map_err(|e| StoreError::Write(e.to_string()))

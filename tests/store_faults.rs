@@ -1,0 +1,55 @@
+//! Store faults: batch writes fail for a while. The dedup actor keeps the staged events and
+//! retries, `/health` and `/metrics` show the fault, and when the store recovers every view is
+//! exact and every offset committed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use aggregator::service;
+use common::*;
+
+#[actix_rt::test]
+async fn failed_store_writes_are_retried_until_the_store_recovers() {
+    let (_dir, config, _broker) = setup();
+    let records = generate(&config, 20_000, 1_000, 43);
+    let produced = produce(&config.kafka.brokers, &config, &records).await;
+    let expected = expected(&config, &produced);
+
+    let running = service::start(&config).await.unwrap();
+    let base = format!("http://{}", running.http_addr);
+    while running.metrics.totals().1 < 2_000 {
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+    // Every write fails for the next 100 attempts (about 1 s at a 10 ms flush interval).
+    running.store_faults().fail_next_writes(100);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = reqwest::get(format!("{base}/health")).await.unwrap();
+        if response.status().as_u16() == 503 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(body["faults"]["store"].is_string(), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store fault never showed in /health"
+        );
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+    wait_committed(&running, &end_offsets(&produced), Duration::from_secs(240)).await;
+    assert_views_exact(&running, &expected).await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("aggregator_faults_total{kind=\"store_write\"}"),
+        "no store fault counted"
+    );
+    let response = reqwest::get(format!("{base}/health")).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200, "health did not recover");
+    running.shutdown().await.unwrap();
+}
