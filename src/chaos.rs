@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aggregator_actors::entity_actor::Kill;
+use aggregator_actors::injected_panic::INJECTED_PANIC_PREFIX;
 use aggregator_actors::partition_supervisor::KillSupervisor;
 use aggregator_actors::topology::Topology;
 use rand::rngs::SmallRng;
@@ -137,7 +138,7 @@ pub fn quiet_injected_panics() {
         let injected = info
             .payload()
             .downcast_ref::<String>()
-            .is_some_and(|m| m.starts_with("chaos: injected panic"));
+            .is_some_and(|m| m.starts_with(INJECTED_PANIC_PREFIX));
         if !injected {
             default(info);
         }

@@ -21,15 +21,11 @@ async fn commits_fetches_and_the_broker_fail_and_the_service_recovers() {
     let (_dir, mut config, broker) = setup();
     // A small window keeps the service reading during the faults.
     config.tuning.max_in_flight_per_partition = 200;
-    let records = generate(&config, 40_000, 2_000, 41);
-    let produced = produce(&config.kafka.brokers, &config, &records).await;
-    let expected = expected(&config, &produced);
+    let (produced, expected) = produce_generated(&config, 40_000, 2_000, 41).await;
 
     let running = service::start(&config).await.unwrap();
     let base = format!("http://{}", running.http_addr);
-    while running.metrics.totals().1 < 4_000 {
-        actix::clock::sleep(Duration::from_millis(10)).await;
-    }
+    wait_applied(&running, 4_000).await;
     let cluster = broker.cluster();
     let timeouts = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 4];
     cluster.request_errors(RDKafkaApiKey::OffsetCommit, &timeouts);

@@ -18,9 +18,7 @@ const KILLS: u64 = 200;
 async fn actors_killed_mid_processing_lose_nothing_and_double_nothing() {
     quiet_injected_panics();
     let (_dir, config, _broker) = setup();
-    let records = generate(&config, 200_000, 3_000, 23);
-    let produced = produce(&config.kafka.brokers, &config, &records).await;
-    let expected = expected(&config, &produced);
+    let (produced, expected) = produce_generated(&config, 200_000, 3_000, 23).await;
     assert!(
         expected.duplicates > 4_000,
         "{} duplicates",

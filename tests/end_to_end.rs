@@ -15,9 +15,7 @@ use common::*;
 async fn fifty_thousand_events_give_exact_views_in_order_with_dead_letters_and_commits() {
     let (_dir, config, _broker) = setup();
 
-    let records = generate(&config, 50_000, 2_000, 7);
-    let produced = produce(&config.kafka.brokers, &config, &records).await;
-    let expected = expected(&config, &produced);
+    let (produced, expected) = produce_generated(&config, 50_000, 2_000, 7).await;
     assert!(
         expected.duplicates > 1_000,
         "{} duplicates",

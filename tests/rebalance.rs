@@ -48,9 +48,7 @@ async fn members_joining_and_leaving_move_partitions_without_loss() {
     let (_dir, mut config, _broker) = setup();
     // A small window keeps work in flight at every rebalance.
     config.tuning.max_in_flight_per_partition = 200;
-    let records = generate(&config, 60_000, 2_000, 31);
-    let produced = produce(&config.kafka.brokers, &config, &records).await;
-    let expected = expected(&config, &produced);
+    let (produced, expected) = produce_generated(&config, 60_000, 2_000, 31).await;
 
     let running = service::start(&config).await.unwrap();
     let ends = end_offsets(&produced);

@@ -12,15 +12,11 @@ use common::*;
 #[actix_rt::test]
 async fn failed_store_writes_are_retried_until_the_store_recovers() {
     let (_dir, config, _broker) = setup();
-    let records = generate(&config, 20_000, 1_000, 43);
-    let produced = produce(&config.kafka.brokers, &config, &records).await;
-    let expected = expected(&config, &produced);
+    let (produced, expected) = produce_generated(&config, 20_000, 1_000, 43).await;
 
     let running = service::start(&config).await.unwrap();
     let base = format!("http://{}", running.http_addr);
-    while running.metrics.totals().1 < 2_000 {
-        actix::clock::sleep(Duration::from_millis(5)).await;
-    }
+    wait_applied(&running, 2_000).await;
     // Every write fails for the next 100 attempts (about 1 s at a 10 ms flush interval).
     running.store_faults().fail_next_writes(100);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -9,6 +9,7 @@ use actix::prelude::*;
 
 use crate::dedup_actor::{Check, Load, SharedAggregate, Stage};
 use crate::envelope::{Event, Rejection};
+use crate::injected_panic::injected_panic;
 use crate::partition_supervisor::ReplayEntity;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
@@ -242,11 +243,7 @@ impl Handler<Kill> for EntityActor {
 
     fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
         if msg.panic {
-            let key = self.key.clone();
-            let caught = std::panic::catch_unwind(move || {
-                panic!("chaos: injected panic in the entity actor of {key}")
-            });
-            debug_assert!(caught.is_err());
+            injected_panic(&format!("the entity actor of {}", self.key));
         }
         self.died = true;
         ctx.stop();

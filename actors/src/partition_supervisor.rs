@@ -13,6 +13,7 @@ use actix::prelude::*;
 use crate::entity_actor::{Apply, EntityActor};
 use crate::entity_registry::EntityHandle;
 use crate::envelope::{parse, Event};
+use crate::injected_panic::injected_panic;
 use crate::offset_committer::{DrainPartition, Register};
 use crate::pipeline::Pipeline;
 use crate::record::{Record, TopicPartition};
@@ -275,11 +276,7 @@ impl Handler<KillSupervisor> for PartitionSupervisor {
 
     fn handle(&mut self, msg: KillSupervisor, ctx: &mut Self::Context) {
         if msg.panic {
-            let tp = self.tp.to_string();
-            let caught = std::panic::catch_unwind(move || {
-                panic!("chaos: injected panic in the partition supervisor of {tp}")
-            });
-            debug_assert!(caught.is_err());
+            injected_panic(&format!("the partition supervisor of {}", self.tp));
         }
         self.died = true;
         ctx.stop();

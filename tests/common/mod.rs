@@ -30,6 +30,31 @@ pub fn setup() -> (tempfile::TempDir, Config, EmbeddedBroker) {
     (dir, config, broker)
 }
 
+/// Generates `n` records over `customers`, produces them and computes what the views must be.
+pub async fn produce_generated(
+    config: &Config,
+    n: usize,
+    customers: u32,
+    seed: u64,
+) -> (Vec<Produced>, Expected) {
+    let records = generate(config, n, customers, seed);
+    let produced = produce(&config.kafka.brokers, config, &records).await;
+    let expected = expected(config, &produced);
+    (produced, expected)
+}
+
+/// Waits until the service has applied at least `n` events (it is consuming a backlog).
+pub async fn wait_applied(service: &RunningService, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while service.metrics.totals().1 < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} events applied in 120 s"
+        );
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Asserts that every expected view is served exactly, in order.
 pub async fn assert_views_exact(service: &RunningService, expected: &Expected) {
     let differences = compare_views(service, expected).await;
