@@ -254,7 +254,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         if first.is_none() && running.metrics.totals().0 > 0 {
             first = Some(Instant::now());
         }
-        if feeder.handle.is_finished() && all_committed(&running, &feeder.deliveries) {
+        if feeder.handle.is_finished() && all_committed(&running, &feeder.deliveries.end_offsets())
+        {
             break;
         }
         if Instant::now() > deadline {

@@ -1,6 +1,7 @@
 //! `aggregator demo`: the embedded broker, the seven services simulated at a chosen rate, the
 //! service and its HTTP API, all in one process, with a live progress line.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -162,7 +163,9 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
             producing.produced.load(Ordering::Relaxed),
         ));
         bar.tick();
-        if producing.handle.is_finished() && all_committed(&service, &producing.deliveries) {
+        if producing.handle.is_finished()
+            && all_committed(&service, &producing.deliveries.end_offsets())
+        {
             break;
         }
         tokio::select! {
@@ -216,16 +219,13 @@ fn progress_line(service: &RunningService, produced: u64) -> String {
     )
 }
 
-/// Whether every partition written to has its committed offset at the acknowledged end.
-pub fn all_committed(service: &RunningService, deliveries: &Deliveries) -> bool {
-    deliveries
-        .end_offsets()
-        .iter()
-        .all(|((topic, partition), end)| {
-            service.topology.partitions.iter().any(|p| {
-                &*p.tp.topic == topic
-                    && p.tp.partition == *partition
-                    && p.committed.load(Ordering::Relaxed) >= *end
-            })
+/// Whether every (topic, partition) in `ends` has its committed offset at its end offset.
+pub fn all_committed(service: &RunningService, ends: &BTreeMap<(String, i32), i64>) -> bool {
+    ends.iter().all(|((topic, partition), end)| {
+        service.topology.partitions.iter().any(|p| {
+            &*p.tp.topic == topic
+                && p.tp.partition == *partition
+                && p.committed.load(Ordering::Relaxed) >= *end
         })
+    })
 }

@@ -154,12 +154,7 @@ async fn each_bad_record_is_dead_lettered_with_its_reason_and_later_records_appl
         json!(format!("good-{}", cases.len() + 1))
     );
 
-    let metrics = reqwest::get(format!("http://{}/metrics", running.http_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&running, "/metrics").await;
     let mut want = std::collections::BTreeMap::new();
     for (n, (reason, _)) in cases.iter().enumerate() {
         let p = &produced[2 * n + 1];
@@ -177,13 +172,7 @@ async fn each_bad_record_is_dead_lettered_with_its_reason_and_later_records_appl
         produced[tombstone_at].partition,
         produced[tombstone_at].offset
     )));
-    let brokers = config.kafka.brokers.clone();
-    let cfg = config.clone();
-    let n = want.len();
-    let dead =
-        std::thread::spawn(move || read_dead_letters(&brokers, &cfg, n, Duration::from_secs(60)))
-            .join()
-            .unwrap();
+    let dead = read_dead_letters(&config, want.len(), Duration::from_secs(60));
     assert_eq!(
         dead, want,
         "dead letters by origin (topic, partition, offset) and reason"

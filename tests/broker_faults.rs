@@ -58,12 +58,7 @@ async fn commits_fetches_and_the_broker_fail_and_the_service_recovers() {
     let (_, applied, _) = running.metrics.totals();
     assert_eq!(applied, expected.applied, "applied exactly once");
 
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&running, "/metrics").await;
     assert!(
         metric_sum(&metrics, "aggregator_faults_total") > 0.0,
         "no fault counted in /metrics"

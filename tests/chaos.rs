@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use aggregator::chaos::{quiet_injected_panics, Chaos};
+use aggregator::demo::all_committed;
 use aggregator::service;
 use common::*;
 
@@ -28,17 +29,8 @@ async fn actors_killed_mid_processing_lose_nothing_and_double_nothing() {
     let running = service::start(&config).await.unwrap();
     let mut chaos = Chaos::new(running.topology.clone(), 99);
     let ends = end_offsets(&produced);
-    let committed = |running: &service::RunningService| {
-        ends.iter().all(|((topic, partition), end)| {
-            running.topology.partitions.iter().any(|p| {
-                &*p.tp.topic == topic
-                    && p.tp.partition == *partition
-                    && p.committed.load(std::sync::atomic::Ordering::Relaxed) >= *end
-            })
-        })
-    };
     let mut round = 0u64;
-    while !committed(&running) && chaos.kills().total() < 2 * KILLS {
+    while !all_committed(&running, &ends) && chaos.kills().total() < 2 * KILLS {
         round += 1;
         // One kill in ten is a partition supervisor.
         if round % 10 == 0 {

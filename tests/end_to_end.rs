@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use aggregator::service;
@@ -35,25 +34,17 @@ async fn fifty_thousand_events_give_exact_views_in_order_with_dead_letters_and_c
     assert_eq!(applied, expected.applied);
     assert_eq!(duplicates, expected.duplicates);
 
-    let metrics = reqwest::get(format!("http://{}/metrics", running.http_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&running, "/metrics").await;
     assert_eq!(
         metric_sum(&metrics, "aggregator_dead_lettered_total") as usize,
         expected.dead_letters.len()
     );
 
-    let brokers = config.kafka.brokers.clone();
-    let want = expected.dead_letters.len();
-    let cfg = Arc::new(config.clone());
-    let dead = std::thread::spawn(move || {
-        read_dead_letters(&brokers, &cfg, want, Duration::from_secs(60))
-    })
-    .join()
-    .unwrap();
+    let dead = read_dead_letters(
+        &config,
+        expected.dead_letters.len(),
+        Duration::from_secs(60),
+    );
     let want: std::collections::BTreeMap<_, _> = expected
         .dead_letters
         .iter()

@@ -35,12 +35,7 @@ async fn failed_store_writes_are_retried_until_the_store_recovers() {
     }
     wait_committed(&running, &end_offsets(&produced), Duration::from_secs(240)).await;
     assert_views_exact(&running, &expected).await;
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&running, "/metrics").await;
     assert!(
         metrics.contains("aggregator_faults_total{kind=\"store_write\"}"),
         "no store fault counted"

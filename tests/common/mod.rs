@@ -4,11 +4,11 @@
 
 #![allow(dead_code)] // each suite uses its own subset
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use aggregator::config::Config;
+use aggregator::demo::all_committed;
 use aggregator::embedded_broker::EmbeddedBroker;
 use aggregator::event_producer::record_headers;
 use aggregator::generator::{Generated, Generator, GeneratorConfig};
@@ -181,28 +181,24 @@ pub async fn wait_committed(
     timeout: Duration,
 ) {
     let deadline = Instant::now() + timeout;
-    loop {
-        let behind: Vec<String> = ends
-            .iter()
-            .filter(|((topic, partition), end)| {
-                !service.topology.partitions.iter().any(|p| {
-                    &*p.tp.topic == topic
-                        && p.tp.partition == *partition
-                        && p.committed.load(Ordering::Relaxed) >= **end
-                })
-            })
-            .map(|((t, p), end)| format!("{t}[{p}] < {end}"))
-            .collect();
-        if behind.is_empty() {
-            return;
-        }
+    while !all_committed(service, ends) {
         assert!(
             Instant::now() < deadline,
-            "not committed within {timeout:?}: {behind:?}\n{}",
+            "not committed within {timeout:?}: ends {ends:?}\n{}",
             serde_json::to_string_pretty(&service.topology.snapshot(5)).unwrap_or_default()
         );
         actix::clock::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The body of `GET path` from the service's HTTP API.
+pub async fn get_text(service: &RunningService, path: &str) -> String {
+    reqwest::get(format!("http://{}{path}", service.http_addr))
+        .await
+        .expect("HTTP answer")
+        .text()
+        .await
+        .expect("HTTP body")
 }
 
 /// What the test expects, computed from the produced records without the service's code.
@@ -402,13 +398,12 @@ pub async fn compare_views(service: &RunningService, expected: &Expected) -> Vec
 /// Reads the dead-letter topic from the beginning until `expected` records arrived (or `timeout`)
 /// and returns them as origin (topic, partition, offset) to reason.
 pub fn read_dead_letters(
-    brokers: &str,
     config: &Config,
     expected: usize,
     timeout: Duration,
 ) -> BTreeMap<(String, i32, i64), String> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+        .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", "dead-letter-reader")
         .set("enable.auto.commit", "false")
         .create()
@@ -453,17 +448,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Groups produced records by key, for partial checks.
-pub fn keys(produced: &[Produced]) -> HashMap<String, usize> {
-    let mut out = HashMap::new();
-    for p in produced {
-        if let Some(k) = &p.record.key {
-            *out.entry(k.clone()).or_default() += 1;
-        }
-    }
-    out
 }
 
 /// The offsets the broker holds as committed for the service's group, summed over partitions.
