@@ -1,98 +1,203 @@
-//! Chaos for demonstrations and tests: kills busy entity actors and partition supervisors, by
-//! stopping them or by a panic inside their handler, while events flow. A dead entity's records
-//! are replayed by its supervisors; a dead supervisor's partition is rewound to its lowest
-//! unfinished offset and read again; dedup keeps both harmless.
+//! Chaos for demonstrations and tests: kills actors of every kind of the tree while events flow,
+//! by stopping them or by a panic inside their handler. A dead entity's records are replayed by
+//! its supervisors; a dead supervisor's partition is rewound to its lowest unfinished offset and
+//! read again; a dead dedup actor or offset committer is restarted by its supervisor and has every
+//! partition rewound. Dedup keeps all of it harmless.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt;
+use std::sync::atomic::Ordering;
+
 use std::sync::Arc;
 
-use aggregator_actors::entity_actor::Kill;
-use aggregator_actors::injected_panic::INJECTED_PANIC_PREFIX;
-use aggregator_actors::partition_supervisor::KillSupervisor;
+use actix::Addr;
+use aggregator_actors::dedup_actor::DedupActor;
+use aggregator_actors::entity_actor::EntityActor;
+use aggregator_actors::kill::{Kill, INJECTED_PANIC_PREFIX};
+use aggregator_actors::offset_committer::OffsetCommitter;
+use aggregator_actors::partition_supervisor::PartitionSupervisor;
 use aggregator_actors::topology::Topology;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-/// Kills made so far, by kind.
-#[derive(Debug, Default)]
-pub struct KillCounts {
-    /// Entity actors stopped.
-    pub entity_stopped: AtomicU64,
-    /// Entity actors killed by a panic in their handler.
-    pub entity_panicked: AtomicU64,
-    /// Partition supervisors stopped.
-    pub supervisor_stopped: AtomicU64,
-    /// Partition supervisors killed by a panic in their handler.
-    pub supervisor_panicked: AtomicU64,
+use crate::service::RunningService;
+
+/// Kills of one kind of actor.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct KillsOf {
+    /// Stopped, as a crash would.
+    pub stopped: u64,
+    /// Killed by a panic inside a handler.
+    pub panicked: u64,
 }
 
-/// A snapshot of [`KillCounts`].
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+impl KillsOf {
+    /// Both ways.
+    pub fn total(&self) -> u64 {
+        self.stopped + self.panicked
+    }
+
+    /// Whether the kind died both ways at least once.
+    pub fn both_ways(&self) -> bool {
+        self.stopped > 0 && self.panicked > 0
+    }
+}
+
+/// Kills made so far, by kind of actor.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Kills {
-    /// Entity actors stopped.
-    pub entity_stopped: u64,
-    /// Entity actors killed by a panic.
-    pub entity_panicked: u64,
-    /// Partition supervisors stopped.
-    pub supervisor_stopped: u64,
-    /// Partition supervisors killed by a panic.
-    pub supervisor_panicked: u64,
+    /// Entity actors.
+    pub entity: KillsOf,
+    /// Partition supervisors.
+    pub supervisor: KillsOf,
+    /// The dedup actor.
+    pub dedup: KillsOf,
+    /// The offset committer.
+    pub committer: KillsOf,
 }
 
 impl Kills {
     /// All kills.
     pub fn total(&self) -> u64 {
-        self.entity_stopped
-            + self.entity_panicked
-            + self.supervisor_stopped
-            + self.supervisor_panicked
+        self.entity.total() + self.supervisor.total() + self.dedup.total() + self.committer.total()
     }
+}
+
+impl fmt::Display for Kills {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kinds = [
+            ("entity actors", self.entity),
+            ("partition supervisors", self.supervisor),
+            ("dedup actor", self.dedup),
+            ("offset committer", self.committer),
+        ];
+        for (i, (name, k)) in kinds.iter().enumerate() {
+            if i > 0 {
+                write!(f, "; ")?;
+            }
+            write!(f, "{name} {} stopped, {} panicked", k.stopped, k.panicked)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a kill hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// An entity actor with events waiting.
+    Entity,
+    /// A partition supervisor with records in flight.
+    Supervisor,
+    /// The dedup actor.
+    Dedup,
+    /// The offset committer.
+    Committer,
 }
 
 /// Deepest mailboxes a victim is picked from.
 const VICTIMS: usize = 32;
 
+/// In every this many strikes, one hits a partition supervisor.
+const SUPERVISOR_EVERY: u64 = 10;
+
+/// In every this many strikes, one hits the dedup actor or the offset committer (in turn): each
+/// of those rewinds every partition, so they are the rarest.
+const SINGLETON_EVERY: u64 = 40;
+
 /// The chaos monkey.
 pub struct Chaos {
     topology: Arc<Topology>,
+    dedup: Addr<DedupActor>,
+    committer: Addr<OffsetCommitter>,
     rng: SmallRng,
-    counts: KillCounts,
+    strikes: u64,
+    kills: Kills,
 }
 
 impl Chaos {
-    /// A monkey over `topology`'s actors, deterministic for `seed`.
-    pub fn new(topology: Arc<Topology>, seed: u64) -> Self {
+    /// A monkey over `service`'s actors, deterministic for `seed`.
+    pub fn new(service: &RunningService, seed: u64) -> Self {
         Chaos {
-            topology,
+            topology: service.topology.clone(),
+            dedup: service.dedup.clone(),
+            committer: service.committer.clone(),
             rng: SmallRng::seed_from_u64(seed),
-            counts: KillCounts::default(),
+            strikes: 0,
+            kills: Kills::default(),
         }
     }
 
-    /// Kills one entity actor that has events waiting, if any has; returns whether it did.
-    pub fn kill_busy_entity(&mut self) -> bool {
-        let busy = self.topology.entities.busiest(VICTIMS);
-        if busy.is_empty() {
+    /// One kill on the standing schedule: mostly entity actors, one in ten a partition
+    /// supervisor, one in forty the dedup actor or the offset committer. Returns whether it
+    /// found a victim.
+    pub fn strike(&mut self) -> bool {
+        self.strikes += 1;
+        let target = if self.strikes % SINGLETON_EVERY == 0 {
+            if (self.strikes / SINGLETON_EVERY) % 2 == 1 {
+                Target::Dedup
+            } else {
+                Target::Committer
+            }
+        } else if self.strikes % SUPERVISOR_EVERY == 0 {
+            Target::Supervisor
+        } else {
+            Target::Entity
+        };
+        self.kill(target)
+    }
+
+    /// Kills one actor of `target`'s kind, by stopping it and by a panic in turn; returns whether
+    /// there was one to kill (entities and supervisors must have work in flight).
+    pub fn kill(&mut self, target: Target) -> bool {
+        let kill = Kill {
+            panic: self.of(target).total() % 2 == 1,
+        };
+        let sent = match target {
+            Target::Entity => self.busy_entity().map(|addr| addr.do_send(kill)).is_some(),
+            Target::Supervisor => self
+                .busy_supervisor()
+                .map(|addr| addr.do_send(kill))
+                .is_some(),
+            Target::Dedup => {
+                self.dedup.do_send(kill);
+                true
+            }
+            Target::Committer => {
+                self.committer.do_send(kill);
+                true
+            }
+        };
+        if !sent {
             return false;
         }
-        let (key, _) = &busy[self.rng.random_range(0..busy.len())];
-        let Some(handle) = self.topology.entities.get(key) else {
-            return false;
-        };
-        let panic = self.rng.random_bool(0.5);
-        handle.addr.do_send(Kill { panic });
-        let counter = if panic {
-            &self.counts.entity_panicked
+        let of = self.of(target);
+        if kill.panic {
+            of.panicked += 1;
         } else {
-            &self.counts.entity_stopped
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+            of.stopped += 1;
+        }
         true
     }
 
-    /// Kills one partition supervisor that has records in flight, if any has.
-    pub fn kill_busy_supervisor(&mut self) -> bool {
+    fn of(&mut self, target: Target) -> &mut KillsOf {
+        match target {
+            Target::Entity => &mut self.kills.entity,
+            Target::Supervisor => &mut self.kills.supervisor,
+            Target::Dedup => &mut self.kills.dedup,
+            Target::Committer => &mut self.kills.committer,
+        }
+    }
+
+    fn busy_entity(&mut self) -> Option<Addr<EntityActor>> {
+        let busy = self.topology.entities.busiest(VICTIMS);
+        if busy.is_empty() {
+            return None;
+        }
+        let (key, _) = &busy[self.rng.random_range(0..busy.len())];
+        self.topology.entities.get(key).map(|h| h.addr)
+    }
+
+    fn busy_supervisor(&mut self) -> Option<Addr<PartitionSupervisor>> {
         let busy: Vec<_> = self
             .topology
             .partitions
@@ -101,32 +206,15 @@ impl Chaos {
             .map(|p| p.tp.clone())
             .collect();
         if busy.is_empty() {
-            return false;
+            return None;
         }
         let tp = &busy[self.rng.random_range(0..busy.len())];
-        let Some(addr) = self.topology.supervisors.get(tp).map(|a| a.clone()) else {
-            return false;
-        };
-        let panic = self.rng.random_bool(0.5);
-        addr.do_send(KillSupervisor { panic });
-        let counter = if panic {
-            &self.counts.supervisor_panicked
-        } else {
-            &self.counts.supervisor_stopped
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        true
+        self.topology.supervisors.get(tp).map(|a| a.clone())
     }
 
     /// Kills so far.
     pub fn kills(&self) -> Kills {
-        let c = &self.counts;
-        Kills {
-            entity_stopped: c.entity_stopped.load(Ordering::Relaxed),
-            entity_panicked: c.entity_panicked.load(Ordering::Relaxed),
-            supervisor_stopped: c.supervisor_stopped.load(Ordering::Relaxed),
-            supervisor_panicked: c.supervisor_panicked.load(Ordering::Relaxed),
-        }
+        self.kills
     }
 }
 

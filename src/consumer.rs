@@ -152,7 +152,10 @@ impl AggregatorContext {
                 continue;
             };
             a.stats.in_flight.store(0, Ordering::Relaxed);
-            if let Some(offset) = committable.or(a.first_offset) {
+            // A committer that lost its bookkeeping does not know the lowest unfinished offset:
+            // everything before the last successful commit is durable, so read again from there.
+            let committed = Some(a.stats.committed.load(Ordering::Relaxed)).filter(|c| *c >= 0);
+            if let Some(offset) = committable.or(committed).or(a.first_offset) {
                 if let Err(e) = consumer.seek(
                     &tp.topic,
                     tp.partition,

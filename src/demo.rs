@@ -142,7 +142,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
     if options.chaos_per_sec > 0 {
         crate::chaos::quiet_injected_panics();
     }
-    let mut chaos = Chaos::new(service.topology.clone(), options.generator.seed);
+    let mut chaos = Chaos::new(&service, options.generator.seed);
     let chaos_every = Duration::from_secs_f64(1.0 / f64::from(options.chaos_per_sec.max(1)));
     let mut next_kill = Instant::now() + chaos_every;
     let mut interrupted = false;
@@ -150,12 +150,7 @@ pub async fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<Dem
     tokio::pin!(ctrl_c);
     loop {
         if options.chaos_per_sec > 0 && Instant::now() >= next_kill {
-            // One kill in ten is a partition supervisor.
-            if chaos.kills().total() % 10 == 9 {
-                chaos.kill_busy_supervisor();
-            } else {
-                chaos.kill_busy_entity();
-            }
+            chaos.strike();
             next_kill += chaos_every;
         }
         bar.set_message(progress_line(

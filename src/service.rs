@@ -58,8 +58,8 @@ pub struct RunningService {
     pub metrics: Arc<Metrics>,
     consumer: ConsumerThread,
     http: actix_web::dev::ServerHandle,
-    dedup: Addr<DedupActor>,
-    committer: Addr<OffsetCommitter>,
+    pub(crate) dedup: Addr<DedupActor>,
+    pub(crate) committer: Addr<OffsetCommitter>,
     store_faults: FaultInjector,
 }
 
@@ -81,21 +81,22 @@ pub async fn start_with(
     let topology = Arc::new(Topology::default());
     let metrics = Arc::new(Metrics::new(&rules));
     let sink = Arc::new(KafkaOffsetSink::default());
+    // Both run under supervisors that restart them, address and mailbox kept, when they die.
     let committer = OffsetCommitter::new(
         sink.clone(),
         topology.clone(),
         metrics.clone(),
         Config::ms(config.tuning.commit_interval_ms),
-    )
-    .start();
+    );
+    let committer = Supervisor::start(move |_| committer);
     let dedup = DedupActor::new(
         store,
         committer.clone().recipient(),
         topology.clone(),
         metrics.clone(),
         Config::ms(config.store.flush_interval_ms),
-    )
-    .start();
+    );
+    let dedup = Supervisor::start(move |_| dedup);
     let pipeline = Arc::new(Pipeline {
         rules,
         limits: config.tuning.limits(),

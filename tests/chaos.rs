@@ -1,7 +1,8 @@
-//! Chaos: while 200,000 events with duplicates flow, entity actors and partition supervisors with
-//! work in flight are killed at random, by stopping them and by panics inside their handlers. Every
-//! view still equals the independent expectation (nothing lost, nothing applied twice, order
-//! kept), and the committed offsets reach the end offsets.
+//! Chaos: while 200,000 events with duplicates flow, actors of every kind are killed at random
+//! moments, by stopping them and by panics inside their handlers: entity actors and partition
+//! supervisors with work in flight, the dedup actor and the offset committer. Every view still
+//! equals the independent expectation (nothing lost, nothing applied twice, order kept), and the
+//! committed offsets reach the end offsets.
 
 mod common;
 
@@ -27,37 +28,40 @@ async fn actors_killed_mid_processing_lose_nothing_and_double_nothing() {
     );
 
     let running = service::start(&config).await.unwrap();
-    let mut chaos = Chaos::new(running.topology.clone(), 99);
+    let mut chaos = Chaos::new(&running, 99);
     let ends = end_offsets(&produced);
-    let mut round = 0u64;
     while !all_committed(&running, &ends) && chaos.kills().total() < 2 * KILLS {
-        round += 1;
-        // One kill in ten is a partition supervisor.
-        if round % 10 == 0 {
-            chaos.kill_busy_supervisor();
-        } else {
-            chaos.kill_busy_entity();
-        }
+        chaos.strike();
         actix::clock::sleep(Duration::from_millis(5)).await;
     }
     let kills = chaos.kills();
     wait_committed(&running, &ends, Duration::from_secs(300)).await;
-    let replayed = running.metrics.replayed.get();
-    let deaths = running.metrics.entity_deaths.get();
-    let restarts = running.metrics.supervisor_restarts.get();
+    let m = &running.metrics;
+    let (replayed, deaths, restarts) = (
+        m.replayed.get(),
+        m.entity_deaths.get(),
+        m.supervisor_restarts.get(),
+    );
+    let topology = running.topology.snapshot(0);
     eprintln!(
-        "chaos: entity actors {} stopped, {} panicked ({deaths} died with work pending, {replayed} records replayed); partition supervisors {} stopped, {} panicked ({restarts} restarted)",
-        kills.entity_stopped, kills.entity_panicked, kills.supervisor_stopped, kills.supervisor_panicked
+        "chaos over {} events: {kills}; {deaths} entity actors died with work pending, \
+         {replayed} records replayed, {restarts} partition supervisors restarted, dedup actor \
+         restarted {} times, offset committer {} times",
+        produced.len(),
+        topology.dedup.restarts,
+        topology.committer.restarts,
     );
     assert!(kills.total() >= KILLS, "only {} kills", kills.total());
-    assert!(
-        kills.entity_stopped > 0 && kills.entity_panicked > 0,
-        "{kills:?}"
-    );
-    assert!(
-        kills.supervisor_stopped > 0 && kills.supervisor_panicked > 0,
-        "{kills:?}"
-    );
+    for (kind, of) in [
+        ("entity", kills.entity),
+        ("supervisor", kills.supervisor),
+        ("dedup", kills.dedup),
+        ("committer", kills.committer),
+    ] {
+        assert!(of.both_ways(), "{kind} not killed both ways: {kills}");
+    }
+    assert_eq!(topology.dedup.restarts, kills.dedup.total());
+    assert_eq!(topology.committer.restarts, kills.committer.total());
     assert!(restarts > 0, "no supervisor was restarted");
     assert!(replayed > 0, "no record was replayed");
 

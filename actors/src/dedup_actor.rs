@@ -1,6 +1,11 @@
 //! The dedup actor: owns the store, decides whether a message id was applied before, and writes
 //! each event's marker together with the view it produced in one atomic batch (group commit on an
 //! interval). Offsets complete only after the batch that covers them is flushed.
+//!
+//! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
+//! what it had staged lost. It then fences off every entity actor that may hold a view with
+//! effects that never reached the store, and has every partition rewound to its lowest unfinished
+//! offset; the records read again are checked against the store's markers, so none counts twice.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -11,8 +16,10 @@ use actix::prelude::*;
 use std::future::Future;
 
 use crate::aggregate::Aggregate;
+use crate::kill::{injected_panic, Kill};
 use crate::metrics::Metrics;
 use crate::offset_committer::Completed;
+use crate::partition_supervisor::rewind_all_partitions;
 use crate::record::Origin;
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::topology::Topology;
@@ -36,7 +43,7 @@ pub struct Load {
 /// Was `message_id` applied before? If so, the caller drops the event and its offset completes
 /// with the next flush.
 #[derive(Message)]
-#[rtype(result = "Result<bool, StoreError>")]
+#[rtype(result = "Result<Verdict, StoreError>")]
 pub struct Check {
     /// Partition the marker lives in.
     pub partition: i32,
@@ -44,6 +51,20 @@ pub struct Check {
     pub message_id: String,
     /// The record being checked.
     pub origin: Origin,
+    /// The asking entity actor's incarnation.
+    pub incarnation: u64,
+}
+
+/// The answer to [`Check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not applied before: apply it and stage the result.
+    New,
+    /// Applied before: drop it.
+    Seen,
+    /// The asking actor was started before the dedup actor last restarted, so its view may hold
+    /// effects that were lost: it must stop without applying anything.
+    Stale,
 }
 
 /// The event `message_id` was applied to `view`: write both in the next batch.
@@ -58,6 +79,10 @@ pub struct Stage {
     pub view: SharedAggregate,
     /// The record applied.
     pub origin: Origin,
+    /// Index of the event's source, for the `applied` count once the effect is stored.
+    pub source: usize,
+    /// The staging entity actor's incarnation.
+    pub incarnation: u64,
 }
 
 /// The current view of `key` if it exists (staged or stored), for readers such as the HTTP API.
@@ -68,8 +93,8 @@ pub struct Peek {
     pub key: String,
 }
 
-/// Writes and flushes what is staged, then stops the actor and hands the store back so that it
-/// is closed deterministically.
+/// Writes and flushes what is staged, then hands the store back so that it is closed
+/// deterministically; the actor answers `StoreError::Released` from then on.
 #[derive(Message)]
 #[rtype(result = "Result<Store, StoreError>")]
 pub struct Release;
@@ -90,6 +115,11 @@ pub struct DedupActor {
     markers: HashMap<i32, HashSet<String>>,
     views: HashMap<String, SharedAggregate>,
     done: Vec<Origin>,
+    /// Source index of every staged event: counted as applied when written, not before, so that
+    /// work lost with a restart is not counted.
+    applied: Vec<usize>,
+    /// Entity actors of this incarnation or older started before the last restart.
+    fence: u64,
 }
 
 impl DedupActor {
@@ -110,7 +140,13 @@ impl DedupActor {
             markers: HashMap::new(),
             views: HashMap::new(),
             done: Vec::new(),
+            applied: Vec::new(),
+            fence: 0,
         }
+    }
+
+    fn stale(&self, incarnation: u64) -> bool {
+        incarnation <= self.fence
     }
 
     fn store(&self) -> Result<&Store, StoreError> {
@@ -148,6 +184,9 @@ impl DedupActor {
         stats.pending.store(0, Ordering::Relaxed);
         self.markers.clear();
         self.views.clear();
+        for source in self.applied.drain(..) {
+            self.metrics.source(source).applied.inc();
+        }
         Ok(std::mem::take(&mut self.done))
     }
 
@@ -212,6 +251,39 @@ impl Actor for DedupActor {
     }
 }
 
+impl Supervised for DedupActor {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        if self.store.is_none() {
+            return; // released at shutdown: nothing to recover
+        }
+        tracing::warn!(
+            staged = self.done.len(),
+            "dedup actor restarted; its staged work is lost and every partition is rewound"
+        );
+        self.markers.clear();
+        self.views.clear();
+        self.done.clear();
+        self.applied.clear();
+        self.topology.dedup.pending.store(0, Ordering::Relaxed);
+        self.topology.dedup.restarts.fetch_add(1, Ordering::Relaxed);
+        self.metrics.actor_restarts("dedup");
+        let entities = &self.topology.entities;
+        self.fence = entities.last_incarnation();
+        entities.passivate_all();
+        rewind_all_partitions(&self.topology);
+    }
+}
+
+/// Its staged markers and views are lost; see the module docs for the recovery.
+impl Handler<Kill> for DedupActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
+        injected_panic(msg, || "the dedup actor".to_string());
+        ctx.stop();
+    }
+}
+
 impl Handler<Load> for DedupActor {
     type Result = Result<Aggregate, StoreError>;
 
@@ -227,9 +299,12 @@ impl Handler<Load> for DedupActor {
 }
 
 impl Handler<Check> for DedupActor {
-    type Result = Result<bool, StoreError>;
+    type Result = Result<Verdict, StoreError>;
 
     fn handle(&mut self, msg: Check, _: &mut Self::Context) -> Self::Result {
+        if self.stale(msg.incarnation) {
+            return Ok(Verdict::Stale);
+        }
         let stats = &self.topology.dedup;
         stats.checks.fetch_add(1, Ordering::Relaxed);
         let seen = self
@@ -240,8 +315,9 @@ impl Handler<Check> for DedupActor {
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
             self.done.push(msg.origin);
+            return Ok(Verdict::Seen);
         }
-        Ok(seen)
+        Ok(Verdict::New)
     }
 }
 
@@ -249,6 +325,9 @@ impl Handler<Stage> for DedupActor {
     type Result = ();
 
     fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
+        if self.stale(msg.incarnation) {
+            return; // the record is read again and applied by a new actor
+        }
         let key = msg
             .view
             .lock()
@@ -261,6 +340,7 @@ impl Handler<Stage> for DedupActor {
             .insert(msg.message_id);
         self.views.insert(key, msg.view);
         self.done.push(msg.origin);
+        self.applied.push(msg.source);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -292,9 +372,8 @@ impl Handler<Release> for DedupActor {
 
     fn handle(&mut self, _: Release, ctx: &mut Self::Context) -> Self::Result {
         let flushed = self.handle(FlushNow, ctx);
-        Box::pin(flushed.map(|res, act, ctx| {
+        Box::pin(flushed.map(|res, act, _| {
             res?;
-            ctx.stop();
             act.store.take().ok_or(StoreError::Released)
         }))
     }

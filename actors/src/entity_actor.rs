@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::dedup_actor::{Check, Load, SharedAggregate, Stage};
+use crate::dedup_actor::{Check, Load, SharedAggregate, Stage, Verdict};
 use crate::envelope::{Event, Rejection};
-use crate::injected_panic::injected_panic;
+use crate::kill::{injected_panic, Kill};
 use crate::partition_supervisor::ReplayEntity;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
@@ -28,16 +28,6 @@ pub struct Apply {
     pub record: Arc<Record>,
 }
 
-/// Chaos: die now, as a crash would, optionally by a panic inside the handler (caught, so that
-/// it takes down this actor only). Events still in the mailbox are lost with it and replayed by
-/// the partition supervisors.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Kill {
-    /// Die by a panic rather than by stopping.
-    pub panic: bool,
-}
-
 /// Stop now (shutdown or chaos): leave the registry and stop after the current event.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -47,6 +37,8 @@ pub struct Passivate;
 pub struct EntityActor {
     key: String,
     partition: i32,
+    /// Which actor of the key this is; the dedup actor refuses work of incarnations it fenced off.
+    incarnation: u64,
     view: Option<SharedAggregate>,
     pipeline: Arc<Pipeline>,
     mailbox: Arc<AtomicUsize>,
@@ -56,16 +48,18 @@ pub struct EntityActor {
 }
 
 impl EntityActor {
-    /// An actor for `key` of `partition`; `mailbox` counts the events sent to it.
+    /// Actor `incarnation` for `key` of `partition`; `mailbox` counts the events sent to it.
     pub fn new(
         key: String,
         partition: i32,
+        incarnation: u64,
         pipeline: Arc<Pipeline>,
         mailbox: Arc<AtomicUsize>,
     ) -> Self {
         EntityActor {
             key,
             partition,
+            incarnation,
             view: None,
             pipeline,
             mailbox,
@@ -81,13 +75,20 @@ impl EntityActor {
             partition: self.partition,
             message_id: apply.event.message_id.clone(),
             origin: apply.event.origin.clone(),
+            incarnation: self.incarnation,
         };
         let request = self.pipeline.dedup.send(check);
         ctx.wait(
             request
                 .into_actor(self)
                 .map(move |res, act, ctx| match res {
-                    Ok(Ok(seen)) => act.applied(apply, seen),
+                    Ok(Ok(Verdict::Stale)) => {
+                        // The dedup actor restarted and lost what this actor staged: its view is
+                        // not durable. The partitions are rewound and a new actor takes over.
+                        tracing::debug!(key = %act.key, "fenced off by a restarted dedup actor");
+                        ctx.stop();
+                    }
+                    Ok(Ok(verdict)) => act.applied(apply, verdict == Verdict::Seen),
                     Ok(Err(e)) => act.retry(apply, delay, e, ctx),
                     Err(_) => {
                         tracing::error!(key = %act.key, "dedup actor is gone; entity stops");
@@ -126,12 +127,13 @@ impl EntityActor {
             .apply(&p.rules, &event);
         match folded {
             Ok(()) => {
-                p.metrics.source(event.source).applied.inc();
                 p.dedup.do_send(Stage {
+                    source: event.source,
                     partition: self.partition,
                     message_id: event.message_id,
                     view,
                     origin: event.origin,
+                    incarnation: self.incarnation,
                 });
             }
             Err(e) => {
@@ -238,13 +240,12 @@ impl Handler<Passivate> for EntityActor {
     }
 }
 
+/// Events still in the mailbox are lost with it and replayed by the partition supervisors.
 impl Handler<Kill> for EntityActor {
     type Result = ();
 
     fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
-        if msg.panic {
-            injected_panic(&format!("the entity actor of {}", self.key));
-        }
+        injected_panic(msg, || format!("the entity actor of {}", self.key));
         self.died = true;
         ctx.stop();
     }

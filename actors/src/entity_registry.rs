@@ -7,7 +7,7 @@ use std::sync::Arc;
 use actix::Addr;
 use dashmap::DashMap;
 
-use crate::entity_actor::EntityActor;
+use crate::entity_actor::{EntityActor, Passivate};
 
 /// A live entity actor and its mailbox depth (events sent and not yet applied).
 #[derive(Clone)]
@@ -36,6 +36,21 @@ impl EntityRegistry {
     /// A number no other entity actor had.
     pub fn next_incarnation(&self) -> u64 {
         self.incarnations.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The highest incarnation handed out so far.
+    pub fn last_incarnation(&self) -> u64 {
+        self.incarnations.load(Ordering::Relaxed)
+    }
+
+    /// Forgets every actor and asks each to stop (the dedup actor lost what they staged); new
+    /// events go to new actors, which load their views from the store.
+    pub fn passivate_all(&self) {
+        let handles: Vec<EntityHandle> = self.actors.iter().map(|h| h.clone()).collect();
+        self.actors.clear();
+        for h in handles {
+            h.addr.do_send(Passivate);
+        }
     }
 
     /// Registers the actor of `key`.

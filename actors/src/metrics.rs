@@ -12,7 +12,7 @@ use crate::rules::Rules;
 pub struct SourceMetrics {
     /// Records consumed from the source's topic.
     pub consumed: IntCounter,
-    /// Events applied to a view.
+    /// Events applied to a view, counted when the view is written to the store.
     pub applied: IntCounter,
     /// Events dropped because their message id was seen before.
     pub duplicates: IntCounter,
@@ -36,6 +36,8 @@ pub struct Metrics {
     pub entity_deaths: IntCounter,
     /// Partition supervisors restarted after they died.
     pub supervisor_restarts: IntCounter,
+    /// The dedup actor and the offset committer restarted after they died, by actor.
+    restarts: IntCounterVec,
     /// Partitions revoked by consumer-group rebalances (each drained and committed first).
     pub partitions_revoked: IntCounter,
     /// Seconds from commit request to the broker's answer.
@@ -116,6 +118,11 @@ impl Metrics {
             "supervisor_restarts_total",
             "Partition supervisors restarted after they died.",
         );
+        let restarts = counter_vec(
+            "actor_restarts_total",
+            "The dedup actor and the offset committer restarted after they died, by actor.",
+            &["actor"],
+        );
         let partitions_revoked = counter(
             "partitions_revoked_total",
             "Partitions revoked by rebalances, each drained and committed first.",
@@ -153,6 +160,7 @@ impl Metrics {
             replayed,
             entity_deaths,
             supervisor_restarts,
+            restarts,
             partitions_revoked,
             commit_latency,
             flush_latency,
@@ -178,6 +186,11 @@ impl Metrics {
         self.dead_lettered
             .with_label_values(&[source, reason])
             .get()
+    }
+
+    /// Counts a restart of `actor` (`dedup` or `committer`).
+    pub fn actor_restarts(&self, actor: &str) {
+        self.restarts.with_label_values(&[actor]).inc();
     }
 
     /// Counts a fault of `kind`.

@@ -1,7 +1,12 @@
 //! The offset committer: per partition, commits only the lowest offset not yet fully processed,
 //! on an interval; hands a partition's final offset over when it is drained.
+//!
+//! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
+//! its offset bookkeeping lost. It then has every partition rewound and ignores what the old
+//! supervisors still register; each partition's new supervisor reads from the lowest offset the
+//! consumer fetched in this assignment, registers afresh, and dedup keeps the re-read harmless.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +14,10 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use crate::kill::{injected_panic, Kill};
 use crate::metrics::Metrics;
 use crate::offset_tracker::OffsetTracker;
+use crate::partition_supervisor::rewind_all_partitions;
 use crate::record::{Origin, TopicPartition};
 use crate::topology::Topology;
 
@@ -47,8 +54,9 @@ pub struct DrainPartition {
 }
 
 /// Forgets what is in flight for `tp` (its supervisor died) and answers the lowest unfinished
-/// offset, from which the partition is read again; completions of the old records are then
-/// ignored, and the records read again are registered afresh.
+/// offset, from which the partition is read again (`None` if the committer does not know it);
+/// completions of the old records are then ignored, and the records read again are registered
+/// afresh.
 #[derive(Message)]
 #[rtype(result = "Option<i64>")]
 pub struct ResetPartition {
@@ -56,7 +64,7 @@ pub struct ResetPartition {
     pub tp: TopicPartition,
 }
 
-/// Stop the committer (at shutdown, after every partition was drained).
+/// Stop committing (at shutdown, after every partition was drained).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Shutdown;
@@ -69,6 +77,10 @@ pub struct OffsetCommitter {
     metrics: Arc<Metrics>,
     interval: Duration,
     waiters: HashMap<TopicPartition, Vec<oneshot::Sender<Option<i64>>>>,
+    /// Partitions whose bookkeeping a restart lost, until their supervisor is replaced: what
+    /// their old supervisor still registers is ignored.
+    lost: HashSet<TopicPartition>,
+    shut_down: bool,
 }
 
 impl OffsetCommitter {
@@ -86,10 +98,15 @@ impl OffsetCommitter {
             metrics,
             interval,
             waiters: HashMap::new(),
+            lost: HashSet::new(),
+            shut_down: false,
         }
     }
 
     fn commit_due(&mut self) {
+        if self.shut_down {
+            return;
+        }
         let offsets = self.tracker.take_commits();
         if offsets.is_empty() {
             return;
@@ -140,10 +157,49 @@ impl Actor for OffsetCommitter {
     }
 }
 
+impl Supervised for OffsetCommitter {
+    fn restarting(&mut self, _: &mut Self::Context) {
+        if self.shut_down {
+            return;
+        }
+        tracing::warn!(
+            "offset committer restarted; its bookkeeping is lost and every partition is rewound"
+        );
+        self.lost = self
+            .tracker
+            .partitions()
+            .cloned()
+            .chain(self.topology.supervisors.iter().map(|s| s.key().clone()))
+            .collect();
+        self.tracker = OffsetTracker::default();
+        // Drains waiting now get `None`: their partitions are handed over uncommitted.
+        self.waiters.clear();
+        self.topology
+            .committer
+            .restarts
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.actor_restarts("committer");
+        rewind_all_partitions(&self.topology);
+    }
+}
+
+/// Its bookkeeping is lost; see the module docs for the recovery.
+impl Handler<Kill> for OffsetCommitter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
+        injected_panic(msg, || "the offset committer".to_string());
+        ctx.stop();
+    }
+}
+
 impl Handler<Register> for OffsetCommitter {
     type Result = ();
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) {
+        if self.lost.contains(&msg.tp) {
+            return;
+        }
         for &(offset, timestamp_ms) in &msg.offsets {
             self.tracker.register(&msg.tp, offset, timestamp_ms);
         }
@@ -187,6 +243,8 @@ impl Handler<DrainPartition> for OffsetCommitter {
     type Result = ResponseFuture<Option<i64>>;
 
     fn handle(&mut self, msg: DrainPartition, _: &mut Self::Context) -> Self::Result {
+        // Its supervisor stops now; a later one registers afresh.
+        self.lost.remove(&msg.tp);
         let (tx, rx) = oneshot::channel();
         self.waiters.entry(msg.tp.clone()).or_default().push(tx);
         self.answer_drained(&msg.tp);
@@ -197,8 +255,9 @@ impl Handler<DrainPartition> for OffsetCommitter {
 impl Handler<Shutdown> for OffsetCommitter {
     type Result = ();
 
-    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
-        ctx.stop();
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) {
+        // Stopping would restart it under its supervisor; it goes when its addresses do.
+        self.shut_down = true;
     }
 }
 
@@ -206,6 +265,10 @@ impl Handler<ResetPartition> for OffsetCommitter {
     type Result = Option<i64>;
 
     fn handle(&mut self, msg: ResetPartition, _: &mut Self::Context) -> Option<i64> {
+        if self.lost.remove(&msg.tp) {
+            self.tracker.remove(&msg.tp);
+            return None;
+        }
         self.tracker.remove(&msg.tp)
     }
 }

@@ -13,11 +13,11 @@ use actix::prelude::*;
 use crate::entity_actor::{Apply, EntityActor};
 use crate::entity_registry::EntityHandle;
 use crate::envelope::{parse, Event};
-use crate::injected_panic::injected_panic;
+use crate::kill::{injected_panic, Kill};
 use crate::offset_committer::{DrainPartition, Register};
 use crate::pipeline::Pipeline;
 use crate::record::{Record, TopicPartition};
-use crate::topology::PartitionStats;
+use crate::topology::{PartitionStats, Topology};
 
 /// Records of this partition, in offset order.
 #[derive(Message)]
@@ -44,14 +44,13 @@ pub struct ReplayEntity {
     pub key: String,
 }
 
-/// Chaos: die now, as a crash would, optionally by a panic inside the handler (caught). Its
-/// mailbox and unfinished records are lost; the consumer rewinds the partition to the lowest
-/// unfinished offset and starts a new supervisor.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct KillSupervisor {
-    /// Die by a panic rather than by stopping.
-    pub panic: bool,
+/// Makes every partition supervisor die as a crash would, so that each partition is rewound to
+/// its lowest unfinished offset and read again. The dedup actor and the offset committer call it
+/// when they restart: what they lost is recovered by reading it again.
+pub fn rewind_all_partitions(topology: &Topology) {
+    for s in topology.supervisors.iter() {
+        s.value().do_send(Kill { panic: false });
+    }
 }
 
 /// Finish the in-flight work and stop; resolves with the offset to commit for the partition.
@@ -128,16 +127,18 @@ impl PartitionSupervisor {
             Some(h) if h.addr.connected() => h,
             _ => {
                 let mailbox = Arc::new(AtomicUsize::new(0));
+                let incarnation = registry.next_incarnation();
                 let actor = EntityActor::new(
                     key.to_string(),
                     self.tp.partition,
+                    incarnation,
                     p.clone(),
                     mailbox.clone(),
                 );
                 let handle = EntityHandle {
                     addr: actor.start(),
                     mailbox,
-                    incarnation: registry.next_incarnation(),
+                    incarnation,
                 };
                 registry.insert(key.to_string(), handle.clone());
                 handle
@@ -271,13 +272,13 @@ impl Handler<ReplayEntity> for PartitionSupervisor {
     }
 }
 
-impl Handler<KillSupervisor> for PartitionSupervisor {
+/// Its mailbox and unfinished records are lost; the consumer rewinds the partition to the lowest
+/// unfinished offset and starts a new supervisor.
+impl Handler<Kill> for PartitionSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: KillSupervisor, ctx: &mut Self::Context) {
-        if msg.panic {
-            injected_panic(&format!("the partition supervisor of {}", self.tp));
-        }
+    fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
+        injected_panic(msg, || format!("the partition supervisor of {}", self.tp));
         self.died = true;
         ctx.stop();
     }

@@ -72,6 +72,8 @@ pub struct DedupStats {
     pub flushes: AtomicU64,
     /// Events staged and not yet written.
     pub pending: AtomicU64,
+    /// Times the actor was restarted after it died.
+    pub restarts: AtomicU64,
     /// Store size on disk at the last flush, in bytes.
     pub store_bytes: AtomicU64,
     /// The last store fault, cleared by the next success.
@@ -99,6 +101,8 @@ pub struct CommitterStats {
     pub commits: AtomicU64,
     /// Commit requests that failed.
     pub failures: AtomicU64,
+    /// Times the actor was restarted after it died.
+    pub restarts: AtomicU64,
     /// The last commit fault, cleared by the next success.
     pub last_fault: Mutex<Option<String>>,
 }
@@ -213,6 +217,8 @@ pub struct DedupSnapshot {
     pub flushes: u64,
     /// Events staged, not yet written.
     pub pending: u64,
+    /// Restarts after the actor died.
+    pub restarts: u64,
     /// Store size on disk in bytes.
     pub store_bytes: u64,
     /// Current store fault.
@@ -226,6 +232,8 @@ pub struct CommitterSnapshot {
     pub commits: u64,
     /// Commit requests failed.
     pub failures: u64,
+    /// Restarts after the actor died.
+    pub restarts: u64,
     /// Last committed offset per partition, as `topic[partition]` to offset.
     pub last_commit: Vec<(String, i64)>,
     /// Current commit fault.
@@ -310,12 +318,14 @@ impl Topology {
                 views_written: load(&d.views_written),
                 flushes: load(&d.flushes),
                 pending: load(&d.pending),
+                restarts: load(&d.restarts),
                 store_bytes: load(&d.store_bytes),
                 fault: d.fault(),
             },
             committer: CommitterSnapshot {
                 commits: load(&self.committer.commits),
                 failures: load(&self.committer.failures),
+                restarts: load(&self.committer.restarts),
                 last_commit,
                 fault: self
                     .committer
