@@ -81,14 +81,27 @@ pub struct EventProducer {
 impl EventProducer {
     /// A producer to `brokers`, writing source `i`'s records to `topics[i]`.
     pub fn new(brokers: &str, topics: Vec<String>) -> Result<Self, KafkaError> {
+        Self::with_properties(brokers, topics, &[])
+    }
+
+    /// As [`EventProducer::new`], with librdkafka `properties` set on top of the defaults.
+    pub fn with_properties(
+        brokers: &str,
+        topics: Vec<String>,
+        properties: &[(&str, &str)],
+    ) -> Result<Self, KafkaError> {
         let deliveries = Arc::new(Deliveries::default());
-        let producer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("partitioner", "consistent_random")
-            .create_with_context(DeliveryContext(deliveries.clone()))?;
+            .set("partitioner", "consistent_random");
+        for (key, value) in properties {
+            config.set(*key, *value);
+        }
+        let producer = config.create_with_context(DeliveryContext(deliveries.clone()))?;
         Ok(EventProducer {
             producer,
             topics,

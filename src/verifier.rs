@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -24,6 +25,14 @@ pub enum VerifyError {
     /// The cluster could not be read.
     #[error("reading the source topics: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A partition gave no record and no end for 10 s.
+    #[error("reading {topic} stalled: partitions {partitions:?} neither delivered nor reached their end for 10 s")]
+    Stalled {
+        /// The topic being read.
+        topic: String,
+        /// Its partitions not read to the end.
+        partitions: Vec<i32>,
+    },
     /// The service's views could not be read.
     #[error("reading the service's views at {url}: {reason}")]
     Views {
@@ -279,99 +288,102 @@ pub fn expect_from_topics(config: &Config) -> Result<Expectation, VerifyError> {
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", "aggregator-verify")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0i64;
-    let mut ends = BTreeMap::new();
+    let mut by_key: BTreeMap<String, (i32, Vec<Accepted>)> = BTreeMap::new();
+    let mut seen: HashSet<(i32, String)> = HashSet::new();
+    let mut out = Expectation::default();
+    // One topic at a time, each partition up to the end the broker reports when the fetch reaches
+    // it: an end-of-partition event names the partition only, and some brokers' ListOffsets
+    // answers are not to be trusted.
     for t in metadata.topics() {
         if !config.sources.iter().any(|s| s.topic == t.name()) {
             continue;
         }
+        let mut tpl = TopicPartitionList::new();
+        let mut open: HashSet<i32> = HashSet::new();
         for p in t.partitions() {
-            let (low, high) =
-                consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))?;
-            if high > low {
-                tpl.add_partition_offset(t.name(), p.id(), Offset::Offset(low))?;
-                remaining += high - low;
-                ends.insert((t.name().to_string(), p.id()), high);
-            }
+            tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)?;
+            open.insert(p.id());
         }
-    }
-    consumer.assign(&tpl)?;
-    let mut by_key: BTreeMap<String, (i32, Vec<Accepted>)> = BTreeMap::new();
-    let mut seen: HashSet<(i32, String)> = HashSet::new();
-    let mut out = Expectation::default();
-    let mut idle = 0;
-    while remaining > 0 && idle < 100 {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            idle += 1;
-            continue;
-        };
-        let m = message?;
-        idle = 0;
-        if ends
-            .get(&(m.topic().to_string(), m.partition()))
-            .is_none_or(|end| m.offset() >= *end)
-        {
-            continue;
-        }
-        remaining -= 1;
-        let Some(source) = config.sources.iter().position(|s| s.topic == m.topic()) else {
-            continue;
-        };
-        let header_id = m.headers().and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == "message_id")
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        });
-        let tombstone = m.payload().is_none();
-        let judged = if tombstone {
-            match m
-                .key()
-                .and_then(|k| std::str::from_utf8(k).ok())
-                .filter(|k| !k.is_empty())
-            {
-                Some(k) => Ok((
-                    k.to_string(),
-                    header_id.clone().unwrap_or_else(|| {
-                        format!("tombstone/{}[{}]/{}", m.topic(), m.partition(), m.offset())
-                    }),
-                    "TOMBSTONE".to_string(),
-                    m.timestamp().to_millis().unwrap_or(0),
-                    Value::Null,
-                )),
-                None => Err("missing_key"),
-            }
-        } else {
-            accept(config, source, m.key(), m.payload(), header_id)
-        };
-        match judged {
-            Err(reason) => *out.dead_lettered.entry(reason.to_string()).or_default() += 1,
-            Ok((key, id, code, ts, envelope)) => {
-                let entry = by_key
-                    .entry(key)
-                    .or_insert_with(|| (m.partition(), Vec::new()));
-                if !seen.insert((entry.0, id.clone())) {
-                    out.duplicates += 1;
+        consumer.assign(&tpl)?;
+        let mut idle = 0;
+        while !open.is_empty() {
+            let m = match consumer.poll(Duration::from_millis(100)) {
+                None => {
+                    idle += 1;
+                    if idle >= 100 {
+                        return Err(VerifyError::Stalled {
+                            topic: t.name().to_string(),
+                            partitions: open.into_iter().collect(),
+                        });
+                    }
                     continue;
                 }
-                out.events += 1;
-                let mut code = code;
-                // A tombstone deletes like a delete code does.
-                if tombstone {
-                    code = "TOMBSTONE".into();
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                    continue;
                 }
-                entry.1.push(Accepted {
-                    source,
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    message_id: id,
-                    code,
-                    timestamp_ms: ts,
-                    envelope,
-                });
+                Some(message) => message?,
+            };
+            idle = 0;
+            let Some(source) = config.sources.iter().position(|s| s.topic == m.topic()) else {
+                continue;
+            };
+            let header_id = m.headers().and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key == "message_id")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
+            let tombstone = m.payload().is_none();
+            let judged = if tombstone {
+                match m
+                    .key()
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .filter(|k| !k.is_empty())
+                {
+                    Some(k) => Ok((
+                        k.to_string(),
+                        header_id.clone().unwrap_or_else(|| {
+                            format!("tombstone/{}[{}]/{}", m.topic(), m.partition(), m.offset())
+                        }),
+                        "TOMBSTONE".to_string(),
+                        m.timestamp().to_millis().unwrap_or(0),
+                        Value::Null,
+                    )),
+                    None => Err("missing_key"),
+                }
+            } else {
+                accept(config, source, m.key(), m.payload(), header_id)
+            };
+            match judged {
+                Err(reason) => *out.dead_lettered.entry(reason.to_string()).or_default() += 1,
+                Ok((key, id, code, ts, envelope)) => {
+                    let entry = by_key
+                        .entry(key)
+                        .or_insert_with(|| (m.partition(), Vec::new()));
+                    if !seen.insert((entry.0, id.clone())) {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    out.events += 1;
+                    let mut code = code;
+                    // A tombstone deletes like a delete code does.
+                    if tombstone {
+                        code = "TOMBSTONE".into();
+                    }
+                    entry.1.push(Accepted {
+                        source,
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        message_id: id,
+                        code,
+                        timestamp_ms: ts,
+                        envelope,
+                    });
+                }
             }
         }
     }

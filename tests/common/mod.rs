@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each suite uses its own subset
 
+pub mod tansu;
+
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,49 @@ pub fn setup() -> (tempfile::TempDir, Config, EmbeddedBroker) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut config = test_config(&dir.path().join("store"));
     let broker = EmbeddedBroker::start(&config, PARTITIONS).expect("embedded broker");
+    config.kafka.brokers = broker.bootstrap_servers();
+    (dir, config, broker)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// The consumer group's committed offsets of every source partition, from the broker.
+pub fn group_committed(config: &Config) -> BTreeMap<(String, i32), i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for source in &config.sources {
+        for p in 0..PARTITIONS {
+            tpl.add_partition(&source.topic, p);
+        }
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets")
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A fresh store directory, the test configuration and a Tansu broker in its own process.
+pub async fn setup_tansu() -> (tempfile::TempDir, Config, tansu::TansuBroker) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut config = test_config(&dir.path().join("store"));
+    let broker = tansu::TansuBroker::start(&config, PARTITIONS).await;
     config.kafka.brokers = broker.bootstrap_servers();
     (dir, config, broker)
 }
@@ -452,27 +497,5 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 
 /// The offsets the broker holds as committed for the service's group, summed over partitions.
 pub fn committed_total(config: &Config) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for source in &config.sources {
-        for p in 0..PARTITIONS {
-            tpl.add_partition(&source.topic, p);
-        }
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        })
-        .sum()
+    group_committed(config).values().sum()
 }
