@@ -46,6 +46,10 @@ pub mod defaults {
     pub const POLL_BATCH: usize = 1000;
     /// Longest wait for a revoked partition to drain.
     pub const DRAIN_TIMEOUT_MS: u64 = 30_000;
+    /// Retries of a failing rule before its record is dead-lettered.
+    pub const RULE_RETRIES: u32 = 3;
+    /// Wait before the first retry of a failing rule.
+    pub const RULE_RETRY_BACKOFF_MS: u64 = 10;
 }
 
 /// Prefix of the environment variables that override keys.
@@ -163,6 +167,12 @@ pub struct TuningConfig {
     pub poll_batch: usize,
     /// Milliseconds a revoked partition may take to drain before it is handed over anyway.
     pub drain_timeout_ms: u64,
+    /// Times a rule that fails is retried (the entity waits) before the record is dead-lettered
+    /// with the reason and the entity carries on; 0 dead-letters at the first failure.
+    pub rule_retries: u32,
+    /// Milliseconds before the first retry of a failing rule; each further retry waits twice as
+    /// long, at most 5 s.
+    pub rule_retry_backoff_ms: u64,
 }
 
 impl Default for TuningConfig {
@@ -175,6 +185,8 @@ impl Default for TuningConfig {
             max_key_bytes: defaults::MAX_KEY_BYTES,
             poll_batch: defaults::POLL_BATCH,
             drain_timeout_ms: defaults::DRAIN_TIMEOUT_MS,
+            rule_retries: defaults::RULE_RETRIES,
+            rule_retry_backoff_ms: defaults::RULE_RETRY_BACKOFF_MS,
         }
     }
 }
@@ -295,6 +307,10 @@ impl Config {
             ("tuning.commit_interval_ms", self.tuning.commit_interval_ms),
             ("tuning.entity_idle_ms", self.tuning.entity_idle_ms),
             ("tuning.drain_timeout_ms", self.tuning.drain_timeout_ms),
+            (
+                "tuning.rule_retry_backoff_ms",
+                self.tuning.rule_retry_backoff_ms,
+            ),
             ("kafka.session_timeout_ms", self.kafka.session_timeout_ms),
             (
                 "tuning.max_in_flight_per_partition",

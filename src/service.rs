@@ -9,10 +9,10 @@ use actix_web::{web, App, HttpServer};
 use aggregator_actors::dead_letter::{DeadLetterSink, DeadLetterer};
 use aggregator_actors::dedup_actor::{DedupActor, Release};
 use aggregator_actors::entity_actor::Passivate;
+use aggregator_actors::fault_injector::FaultInjector;
 use aggregator_actors::metrics::Metrics;
 use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
 use aggregator_actors::pipeline::Pipeline;
-use aggregator_actors::store::FaultInjector;
 use aggregator_actors::topology::Topology;
 use aggregator_actors::{RulesError, Store, StoreError};
 
@@ -61,6 +61,7 @@ pub struct RunningService {
     pub(crate) dedup: Addr<DedupActor>,
     pub(crate) committer: Addr<OffsetCommitter>,
     store_faults: FaultInjector,
+    rule_faults: FaultInjector,
 }
 
 /// Starts the service with the configured Kafka dead-letter producer. Must run inside an actix
@@ -78,6 +79,7 @@ pub async fn start_with(
     let rules = Arc::new(config.rules()?);
     let store = Store::open_with_cache(&config.store.path, config.store.cache_mib * 1024 * 1024)?;
     let store_faults = store.fault_injector();
+    let rule_faults = FaultInjector::default();
     let topology = Arc::new(Topology::default());
     let metrics = Arc::new(Metrics::new(&rules));
     let sink = Arc::new(KafkaOffsetSink::default());
@@ -110,6 +112,9 @@ pub async fn start_with(
             metrics.clone(),
         ),
         entity_idle: Config::ms(config.tuning.entity_idle_ms),
+        rule_retries: config.tuning.rule_retries,
+        rule_retry_backoff: Config::ms(config.tuning.rule_retry_backoff_ms),
+        rule_faults: rule_faults.clone(),
     });
 
     let state = ApiState {
@@ -150,6 +155,7 @@ pub async fn start_with(
         dedup,
         committer,
         store_faults,
+        rule_faults,
     })
 }
 
@@ -157,6 +163,11 @@ impl RunningService {
     /// Injects store write faults (tests of fault handling).
     pub fn store_faults(&self) -> &FaultInjector {
         &self.store_faults
+    }
+
+    /// Injects rule failures (tests of the retry budget).
+    pub fn rule_faults(&self) -> &FaultInjector {
+        &self.rule_faults
     }
 
     /// Drains every partition and commits, stops the HTTP API, flushes and closes the store.

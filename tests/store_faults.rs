@@ -18,7 +18,7 @@ async fn failed_store_writes_are_retried_until_the_store_recovers() {
     let base = format!("http://{}", running.http_addr);
     wait_applied(&running, 2_000).await;
     // Every write fails for the next 100 attempts (about 1 s at a 10 ms flush interval).
-    running.store_faults().fail_next_writes(100);
+    running.store_faults().fail_next(100);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let response = reqwest::get(format!("{base}/health")).await.unwrap();

@@ -88,7 +88,7 @@ impl EntityActor {
                         tracing::debug!(key = %act.key, "fenced off by a restarted dedup actor");
                         ctx.stop();
                     }
-                    Ok(Ok(verdict)) => act.applied(apply, verdict == Verdict::Seen),
+                    Ok(Ok(verdict)) => act.applied(apply, verdict == Verdict::Seen, ctx),
                     Ok(Err(e)) => act.retry(apply, delay, e, ctx),
                     Err(_) => {
                         tracing::error!(key = %act.key, "dedup actor is gone; entity stops");
@@ -108,23 +108,35 @@ impl EntityActor {
         );
     }
 
-    fn applied(&mut self, apply: Apply, seen: bool) {
+    fn applied(&mut self, apply: Apply, seen: bool, ctx: &mut Context<Self>) {
         self.mailbox.fetch_sub(1, Ordering::Relaxed);
         self.last_active = Instant::now();
-        let Apply { event, record } = apply;
-        let p = &self.pipeline;
         if seen {
-            p.metrics.source(event.source).duplicates.inc();
+            let source = apply.event.source;
+            self.pipeline.metrics.source(source).duplicates.inc();
             return;
         }
+        self.fold(apply, 0, ctx);
+    }
+
+    /// Folds the event into the view and stages it; a failing rule is retried with backoff, the
+    /// actor taking no other message meanwhile, until the retry budget is spent and the record
+    /// is dead-lettered with the reason. The view is untouched by a failed fold.
+    fn fold(&mut self, apply: Apply, retries: u32, ctx: &mut Context<Self>) {
+        let p = self.pipeline.clone();
         let view = self
             .view
             .clone()
             .expect("the view is loaded in started() before any message is handled");
-        let folded = view
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .apply(&p.rules, &event);
+        let folded = if p.rule_faults.take() {
+            Err("injected rule fault".to_string())
+        } else {
+            view.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .apply(&p.rules, &apply.event)
+                .map_err(|e| e.to_string())
+        };
+        let Apply { event, record } = apply;
         match folded {
             Ok(()) => {
                 p.dedup.do_send(Stage {
@@ -136,12 +148,25 @@ impl EntityActor {
                     incarnation: self.incarnation,
                 });
             }
+            Err(e) if retries < p.rule_retries => {
+                p.metrics.fault("rule");
+                let delay = p.rule_retry_backoff * 2u32.saturating_pow(retries);
+                tracing::debug!(key = %self.key, "rule failed, retrying in {delay:?}: {e}");
+                let apply = Apply { event, record };
+                ctx.wait(
+                    actix::clock::sleep(delay.min(RETRY_MAX))
+                        .into_actor(self)
+                        .map(move |_, act, ctx| act.fold(apply, retries + 1, ctx)),
+                );
+            }
             Err(e) => {
+                p.metrics.fault("rule");
                 let source = &p.rules.source(event.source).name;
+                let attempts = retries + 1;
                 p.dead_letters.send(
                     Record::clone(&record),
                     source,
-                    &Rejection::RuleFailed(e.to_string()),
+                    &Rejection::RuleFailed(format!("{e} (after {attempts} attempts)")),
                 );
             }
         }

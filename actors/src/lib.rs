@@ -9,6 +9,7 @@ pub mod dedup_actor;
 pub mod entity_actor;
 pub mod entity_registry;
 pub mod envelope;
+pub mod fault_injector;
 pub mod kill;
 pub mod metrics;
 pub mod offset_committer;

@@ -9,6 +9,7 @@ use actix::Addr;
 use crate::dead_letter::DeadLetterer;
 use crate::dedup_actor::DedupActor;
 use crate::envelope::ParseLimits;
+use crate::fault_injector::FaultInjector;
 use crate::metrics::Metrics;
 use crate::offset_committer::OffsetCommitter;
 use crate::rules::Rules;
@@ -32,4 +33,10 @@ pub struct Pipeline {
     pub dead_letters: DeadLetterer,
     /// How long an entity actor stays alive without events.
     pub entity_idle: Duration,
+    /// Times a failing rule is retried before its record is dead-lettered.
+    pub rule_retries: u32,
+    /// Wait before the first retry of a failing rule; doubles with each retry.
+    pub rule_retry_backoff: Duration,
+    /// Makes the next rule folds fail, for tests of the retry budget.
+    pub rule_faults: FaultInjector,
 }

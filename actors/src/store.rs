@@ -6,10 +6,9 @@
 //! marks a message as applied (its value is the time it was written, for expiry).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use crate::aggregate::Aggregate;
+use crate::fault_injector::FaultInjector;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,24 +51,6 @@ pub struct Store {
     db: sled::Db,
     path: PathBuf,
     faults: FaultInjector,
-}
-
-/// Makes the store's next writes fail, for tests of fault handling. Holding it does not keep the
-/// store open.
-#[derive(Clone, Debug, Default)]
-pub struct FaultInjector(Arc<AtomicU64>);
-
-impl FaultInjector {
-    /// Makes the next `n` batch writes fail.
-    pub fn fail_next_writes(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed);
-    }
-
-    fn take(&self) -> bool {
-        self.0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok()
-    }
 }
 
 /// One atomic write: markers, views and index entries applied together or not at all.
