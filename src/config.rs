@@ -30,6 +30,8 @@ pub mod defaults {
     pub const FLUSH_INTERVAL_MS: u64 = 20;
     /// Store page cache in MiB.
     pub const STORE_CACHE_MIB: u64 = 256;
+    /// Message ids remembered per partition.
+    pub const DEDUP_WINDOW: u64 = aggregator_actors::store::DEFAULT_DEDUP_WINDOW;
     /// HTTP listen address.
     pub const HTTP_BIND: &str = "127.0.0.1:8080";
     /// Interval between offset commits.
@@ -121,6 +123,10 @@ pub struct StoreConfig {
     pub flush_interval_ms: u64,
     /// Memory the store may use to cache pages, in MiB.
     pub cache_mib: u64,
+    /// Message ids remembered per partition for duplicate detection; the oldest are forgotten
+    /// beyond this, so a duplicate that arrives after this many newer ids of its partition is
+    /// applied again. Bounds the store's marker count.
+    pub dedup_window: u64,
 }
 
 impl Default for StoreConfig {
@@ -129,6 +135,7 @@ impl Default for StoreConfig {
             path: defaults::STORE_PATH.into(),
             flush_interval_ms: defaults::FLUSH_INTERVAL_MS,
             cache_mib: defaults::STORE_CACHE_MIB,
+            dedup_window: defaults::DEDUP_WINDOW,
         }
     }
 }
@@ -304,6 +311,7 @@ impl Config {
         let positive = [
             ("store.flush_interval_ms", self.store.flush_interval_ms),
             ("store.cache_mib", self.store.cache_mib),
+            ("store.dedup_window", self.store.dedup_window),
             ("tuning.commit_interval_ms", self.tuning.commit_interval_ms),
             ("tuning.entity_idle_ms", self.tuning.entity_idle_ms),
             ("tuning.drain_timeout_ms", self.tuning.drain_timeout_ms),

@@ -77,7 +77,11 @@ pub async fn start_with(
     dead_letters: Arc<dyn DeadLetterSink>,
 ) -> Result<RunningService, StartError> {
     let rules = Arc::new(config.rules()?);
-    let store = Store::open_with_cache(&config.store.path, config.store.cache_mib * 1024 * 1024)?;
+    let store = Store::open_with(
+        &config.store.path,
+        config.store.cache_mib * 1024 * 1024,
+        config.store.dedup_window,
+    )?;
     let store_faults = store.fault_injector();
     let rule_faults = FaultInjector::default();
     let topology = Arc::new(Topology::default());

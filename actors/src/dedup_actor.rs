@@ -173,12 +173,16 @@ impl DedupActor {
                 .map_err(|e| StoreError::Write(e.to_string()))?;
         }
         let (markers, views) = (batch.markers as u64, batch.views as u64);
-        if let Err(e) = self.store()?.write(batch) {
-            self.metrics.fault("store_write");
-            self.topology.dedup.set_fault(Some(e.to_string()));
-            return Err(e);
-        }
+        let expired = match self.store()?.write(batch) {
+            Ok(expired) => expired,
+            Err(e) => {
+                self.metrics.fault("store_write");
+                self.topology.dedup.set_fault(Some(e.to_string()));
+                return Err(e);
+            }
+        };
         let stats = &self.topology.dedup;
+        stats.markers_expired.fetch_add(expired, Ordering::Relaxed);
         stats.markers_written.fetch_add(markers, Ordering::Relaxed);
         stats.views_written.fetch_add(views, Ordering::Relaxed);
         stats.pending.store(0, Ordering::Relaxed);

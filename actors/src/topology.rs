@@ -68,6 +68,8 @@ pub struct DedupStats {
     pub markers_written: AtomicU64,
     /// Views written to the store.
     pub views_written: AtomicU64,
+    /// Markers removed because newer ones pushed them out of the dedup window.
+    pub markers_expired: AtomicU64,
     /// Completed flushes.
     pub flushes: AtomicU64,
     /// Events staged and not yet written.
@@ -213,6 +215,8 @@ pub struct DedupSnapshot {
     pub markers_written: u64,
     /// Views written.
     pub views_written: u64,
+    /// Markers expired out of the dedup window.
+    pub markers_expired: u64,
     /// Flushes done.
     pub flushes: u64,
     /// Events staged, not yet written.
@@ -316,6 +320,7 @@ impl Topology {
                 hits: load(&d.hits),
                 markers_written: load(&d.markers_written),
                 views_written: load(&d.views_written),
+                markers_expired: load(&d.markers_expired),
                 flushes: load(&d.flushes),
                 pending: load(&d.pending),
                 restarts: load(&d.restarts),
