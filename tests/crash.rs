@@ -161,7 +161,7 @@ async fn sigkilled_while_producing_then_restarted_on_the_same_store_loses_and_do
     // The last run catches up, commits to the end and is stopped gracefully.
     let mut child = spawn_service(&config_path, &log);
     wait_ready(&mut child, &http, &log).await;
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(400);
     loop {
         let committed = group_committed(&config);
         if ends
