@@ -9,12 +9,6 @@ use std::time::{Duration, Instant};
 use aggregator::service;
 use common::*;
 use rdkafka_sys::types::{RDKafkaApiKey, RDKafkaRespErr};
-use serde_json::Value;
-
-async fn health(base: &str) -> (u16, Value) {
-    let response = reqwest::get(format!("{base}/health")).await.unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
-}
 
 #[actix_rt::test]
 async fn commits_fetches_and_the_broker_fail_and_the_service_recovers() {
@@ -39,7 +33,7 @@ async fn commits_fetches_and_the_broker_fail_and_the_service_recovers() {
     cluster.broker_down(1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, body) = health(&base).await;
+        let (status, body) = health(&base);
         if status == 503 {
             assert_eq!(body["status"], "degraded", "{body}");
             break;
@@ -65,7 +59,7 @@ async fn commits_fetches_and_the_broker_fail_and_the_service_recovers() {
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, body) = health(&base).await;
+        let (status, body) = health(&base);
         if status == 200 {
             break;
         }

@@ -21,9 +21,8 @@ async fn failed_store_writes_are_retried_until_the_store_recovers() {
     running.store_faults().fail_next(100);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let response = reqwest::get(format!("{base}/health")).await.unwrap();
-        if response.status().as_u16() == 503 {
-            let body: serde_json::Value = response.json().await.unwrap();
+        let (status, body) = health(&base);
+        if status == 503 {
             assert!(body["faults"]["store"].is_string(), "{body}");
             break;
         }
@@ -40,7 +39,6 @@ async fn failed_store_writes_are_retried_until_the_store_recovers() {
         metrics.contains("aggregator_faults_total{kind=\"store_write\"}"),
         "no store fault counted"
     );
-    let response = reqwest::get(format!("{base}/health")).await.unwrap();
-    assert_eq!(response.status().as_u16(), 200, "health did not recover");
+    assert_eq!(health(&base).0, 200, "health did not recover");
     running.shutdown().await.unwrap();
 }

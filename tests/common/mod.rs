@@ -236,6 +236,26 @@ pub async fn wait_committed(
     }
 }
 
+/// Status and body of `GET {base}/health`, sent from a thread of its own: the suite's thread also
+/// runs the service's actors, and a request that thread writes late is refused by the server's
+/// request timeout.
+pub fn health(base: &str) -> (u16, Value) {
+    let url = format!("{base}/health");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let response = reqwest::get(&url).await.expect("HTTP answer");
+            let status = response.status().as_u16();
+            (status, response.json().await.expect("JSON body"))
+        })
+    })
+    .join()
+    .expect("health request thread")
+}
+
 /// The body of `GET path` from the service's HTTP API.
 pub async fn get_text(service: &RunningService, path: &str) -> String {
     reqwest::get(format!("http://{}{path}", service.http_addr))
