@@ -83,12 +83,21 @@ pub struct BenchReport {
     pub store_bytes: u64,
     /// Entities in the store.
     pub entities: u64,
+    /// Message ids remembered per partition.
+    pub dedup_window: u64,
+    /// Message-id markers in the store after the run (bounded by partitions x window).
+    pub markers_kept: u64,
+    /// Markers expired out of the window during the run.
+    pub markers_expired: u64,
     /// Milliseconds from start to serving views, with the store full.
     pub restart_serving_ms: f64,
     /// Milliseconds from start to `/ready` (group joined, partitions assigned), store full.
     pub restart_ready_ms: f64,
     /// Events applied, duplicates dropped and dead-lettered match what was produced.
     pub verified: bool,
+    /// The counts the check compared: produced, consumed, applied, dropped as duplicates,
+    /// duplicates sent, dead-lettered.
+    pub counts: [u64; 6],
 }
 
 /// Produces the generated stream, never more than `ahead` records past `consumed`.
@@ -274,6 +283,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         && dropped == duplicates
         && dead_lettered == 0;
     let store_bytes = running.topology.dedup.store_bytes.load(Ordering::Relaxed);
+    let markers_expired = running.topology.snapshot(0).dedup.markers_expired;
     running.shutdown().await?;
 
     eprintln!("bench: restart on the full store");
@@ -285,7 +295,13 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     }
     let restart_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     running.shutdown().await?;
-    let entities = aggregator_actors::Store::open(&config.store.path)?.entity_count()? as u64;
+    let store = aggregator_actors::Store::open(&config.store.path)?;
+    let entities = store.entity_count()? as u64;
+    let mut markers_kept = 0;
+    for p in 0..options.partitions {
+        markers_kept += store.marker_count(p)?;
+    }
+    drop(store);
     drop(broker);
 
     let aggregator = Workload {
@@ -306,9 +322,20 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         peak_rss_mib,
         store_bytes,
         entities,
+        dedup_window: config.store.dedup_window,
+        markers_kept,
+        markers_expired,
         restart_serving_ms,
         restart_ready_ms,
         verified,
+        counts: [
+            produced,
+            consumed,
+            applied,
+            dropped,
+            duplicates,
+            dead_lettered,
+        ],
     })
 }
 
@@ -330,7 +357,9 @@ pub fn render(r: &BenchReport) -> String {
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          peak RSS {:.0} MiB | store {:.1} MiB, {} entities | restart: serving {:.0} ms, ready {:.0} ms\n\
-         verified (every event applied once): {}",
+         dedup markers kept {} (window {} ids per partition), expired {}\n\
+         verified (every event applied once): {} (produced {}, consumed {}, applied {}, dropped {} \
+         of {} duplicates sent, dead-lettered {})",
         r.events,
         r.keys,
         r.partitions,
@@ -346,6 +375,15 @@ pub fn render(r: &BenchReport) -> String {
         r.entities,
         r.restart_serving_ms,
         r.restart_ready_ms,
+        r.markers_kept,
+        r.dedup_window,
+        r.markers_expired,
         r.verified,
+        r.counts[0],
+        r.counts[1],
+        r.counts[2],
+        r.counts[3],
+        r.counts[4],
+        r.counts[5],
     )
 }

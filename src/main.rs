@@ -109,6 +109,10 @@ enum Command {
         /// partition).
         #[arg(long, default_value_t = 100_000)]
         ahead: u64,
+        /// Message ids remembered per partition (the configuration's store.dedup_window when
+        /// unset).
+        #[arg(long)]
+        dedup_window: Option<u64>,
         /// Generator seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
@@ -224,13 +228,20 @@ fn main() -> anyhow::Result<()> {
             rate,
             commit_interval_ms,
             ahead,
+            dedup_window,
             seed,
             json,
         } => {
             init_logging("warn");
-            let config = load_or_shipped(&config)?;
+            let mut config = load_or_shipped(&config)?;
             if !(0.0..1.0).contains(&duplicates) {
                 anyhow::bail!("--duplicates must be in [0, 1): got {duplicates}");
+            }
+            if let Some(window) = dedup_window {
+                if window == 0 {
+                    anyhow::bail!("--dedup-window must be > 0: got 0");
+                }
+                config.store.dedup_window = window;
             }
             let options = BenchOptions {
                 events,

@@ -6,7 +6,10 @@ use aggregator::config::Config;
 
 #[actix_rt::test]
 async fn short_benchmark_completes_and_applies_every_event() {
-    let config = Config::from_toml(include_str!("../config.toml")).unwrap();
+    let mut config = Config::from_toml(include_str!("../config.toml")).unwrap();
+    // About 9,700 ids per partition; the producer runs at most `ahead` records ahead, which
+    // bounds how far apart a duplicate and its original are consumed to well within the window.
+    config.store.dedup_window = 8_000;
     let options = BenchOptions {
         events: 20_000,
         keys: 2_000,
@@ -25,4 +28,10 @@ async fn short_benchmark_completes_and_applies_every_event() {
     let latency = report.latency_ms.expect("latencies recorded");
     assert_eq!(latency.count, 20_000);
     assert!(latency.p50 <= latency.p99 && latency.p99 <= latency.max);
+    assert_eq!(report.markers_kept, 2 * 8_000, "{}", bench::render(&report));
+    assert_eq!(
+        report.markers_kept + report.markers_expired,
+        report.counts[2],
+        "one marker per applied event"
+    );
 }
