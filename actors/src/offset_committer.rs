@@ -3,8 +3,8 @@
 //!
 //! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
 //! its offset bookkeeping lost. It then has every partition rewound and ignores what the old
-//! supervisors still register; each partition's new supervisor reads from the lowest offset the
-//! consumer fetched in this assignment, registers afresh, and dedup keeps the re-read harmless.
+//! supervisors still register; each partition's new supervisor reads again from the partition's
+//! last successful commit, registers afresh, and dedup keeps the re-read harmless.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
