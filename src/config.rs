@@ -52,6 +52,12 @@ pub mod defaults {
     pub const RULE_RETRIES: u32 = 3;
     /// Wait before the first retry of a failing rule.
     pub const RULE_RETRY_BACKOFF_MS: u64 = 10;
+    /// Whether written views are published to the changelog topic.
+    pub const CHANGELOG_ENABLED: bool = true;
+    /// Topic holding every partition's state changes.
+    pub const CHANGELOG_TOPIC: &str = "shop.aggregator.private.changelog.prod";
+    /// Longest time an assignment may spend replaying the changelog.
+    pub const CHANGELOG_RESTORE_TIMEOUT_MS: u64 = 120_000;
 }
 
 /// Prefix of the environment variables that override keys.
@@ -73,6 +79,9 @@ pub struct Config {
     /// `[tuning]`: throughput, memory and latency trade-offs.
     #[serde(default)]
     pub tuning: TuningConfig,
+    /// `[changelog]`: how a partition's state follows it between instances.
+    #[serde(default)]
+    pub changelog: ChangelogConfig,
     /// `[[sources]]`: the upstream services, one topic each.
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
@@ -112,6 +121,22 @@ impl Default for KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// A client for the cluster with the service's `settings`, then the user's `properties`
+    /// (which win, so that security and tuning set by the user always apply).
+    pub fn client(&self, settings: &[(&str, &str)]) -> rdkafka::config::ClientConfig {
+        let mut client = rdkafka::config::ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (k, v) in settings {
+            client.set(*k, *v);
+        }
+        for (k, v) in &self.properties {
+            client.set(k, v);
+        }
+        client
+    }
+}
+
 /// `[store]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -136,6 +161,33 @@ impl Default for StoreConfig {
             flush_interval_ms: defaults::FLUSH_INTERVAL_MS,
             cache_mib: defaults::STORE_CACHE_MIB,
             dedup_window: defaults::DEDUP_WINDOW,
+        }
+    }
+}
+
+/// `[changelog]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChangelogConfig {
+    /// Publish every written view, with the message ids it newly holds, to `topic` before it is
+    /// stored, and replay what other instances published when a partition is assigned. Needed
+    /// whenever more than one instance shares the consumer group; a single instance may turn it
+    /// off to save the produce per view.
+    pub enabled: bool,
+    /// The changelog topic: as many partitions as the source topics (partition *p* holds the state
+    /// of partition *p*), `cleanup.policy=delete`, retention at least as long as the sources'.
+    pub topic: String,
+    /// Milliseconds an assignment may spend reading the changelog before it gives up with an error
+    /// (the partitions are then processed on the state the store has).
+    pub restore_timeout_ms: u64,
+}
+
+impl Default for ChangelogConfig {
+    fn default() -> Self {
+        ChangelogConfig {
+            enabled: defaults::CHANGELOG_ENABLED,
+            topic: defaults::CHANGELOG_TOPIC.into(),
+            restore_timeout_ms: defaults::CHANGELOG_RESTORE_TIMEOUT_MS,
         }
     }
 }
@@ -261,6 +313,7 @@ impl Config {
             store: StoreConfig::default(),
             http: HttpConfig::default(),
             tuning: TuningConfig::default(),
+            changelog: ChangelogConfig::default(),
             sources: Vec::new(),
             rules: Vec::new(),
         }
@@ -305,6 +358,17 @@ impl Config {
                 "must not be empty",
             );
         }
+        if self.changelog.enabled
+            && (self.changelog.topic.trim().is_empty()
+                || self.changelog.topic == self.kafka.dead_letter_topic
+                || self.sources.iter().any(|s| s.topic == self.changelog.topic))
+        {
+            return invalid(
+                "changelog.topic",
+                self.changelog.topic.clone(),
+                "must be a topic of its own (not empty, not a source or the dead-letter topic)",
+            );
+        }
         if self.http.bind.parse::<SocketAddr>().is_err() {
             return invalid("http.bind", self.http.bind.clone(), "must be host:port");
         }
@@ -327,6 +391,10 @@ impl Config {
             ("tuning.max_value_bytes", self.tuning.max_value_bytes as u64),
             ("tuning.max_key_bytes", self.tuning.max_key_bytes as u64),
             ("tuning.poll_batch", self.tuning.poll_batch as u64),
+            (
+                "changelog.restore_timeout_ms",
+                self.changelog.restore_timeout_ms,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -14,14 +14,14 @@ use aggregator_actors::offset_committer::ResetPartition;
 use aggregator_actors::partition_supervisor::{deliver, Drain, PartitionSupervisor};
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::PartitionStats;
-use aggregator_actors::{Origin, Record, TopicPartition};
+use aggregator_actors::{Origin, Record, Store, TopicPartition};
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::changelog_restorer::ChangelogRestorer;
 use crate::config::Config;
 
 /// The consumer type of the service.
@@ -54,6 +54,8 @@ pub struct AggregatorContext {
     pipeline: Arc<Pipeline>,
     assigned: Mutex<HashMap<TopicPartition, Assigned>>,
     drain_timeout: Duration,
+    /// Replays the changelog into the store on assignment, when state follows partitions.
+    restorer: Option<(ChangelogRestorer, Store)>,
 }
 
 impl AggregatorContext {
@@ -120,6 +122,10 @@ impl AggregatorContext {
                     tracing::warn!("final commit failed; records since the last commit will be redelivered and deduplicated: {e}");
                 }
             }
+        }
+        // Not ours any more: `/topology` shows the current assignment only.
+        for (tp, _) in &removed {
+            self.pipeline.topology.partitions.remove(tp);
         }
     }
 
@@ -194,6 +200,56 @@ impl AggregatorContext {
                 }
             }
             Err(e) => tracing::warn!("reading committed offsets of the assignment: {e}"),
+        }
+    }
+
+    /// Brings the store's state of newly assigned partitions up to date from the changelog, and
+    /// has the live actors of entities it changed reload their views.
+    fn restore(&self, tpl: &TopicPartitionList) {
+        let Some((restorer, store)) = &self.restorer else {
+            return;
+        };
+        let partitions: Vec<i32> = {
+            let assigned = self.assigned();
+            let mut numbers: Vec<i32> = tpl
+                .elements()
+                .iter()
+                .filter(|e| !assigned.contains_key(&TopicPartition::new(e.topic(), e.partition())))
+                .map(|e| e.partition())
+                .collect();
+            numbers.sort_unstable();
+            numbers.dedup();
+            numbers
+        };
+        let started = Instant::now();
+        match restorer.restore(store, &partitions) {
+            Ok(restored) => {
+                let topology = &self.pipeline.topology;
+                topology
+                    .dedup
+                    .changelog_restored
+                    .fetch_add(restored.records, Ordering::Relaxed);
+                for key in &restored.keys {
+                    topology.entities.passivate(key);
+                }
+                tracing::info!(
+                    ?partitions,
+                    records = restored.records,
+                    entities = restored.keys.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "state of assigned partitions restored from the changelog"
+                );
+            }
+            Err(e) => {
+                tracing::error!(
+                    ?partitions,
+                    "restoring from the changelog failed; processing on the stored state: {e}"
+                );
+                self.pipeline.metrics.fault("changelog_restore");
+                if let Ok(mut f) = self.pipeline.topology.consumer_fault.lock() {
+                    *f = Some(e.to_string());
+                }
+            }
         }
     }
 
@@ -278,6 +334,7 @@ impl ConsumerContext for AggregatorContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
+                self.restore(tpl);
                 self.assign(tpl);
                 self.show_committed(consumer, tpl);
                 // librdkafka keeps a partition's pause across a rebalance; the new supervisor
@@ -338,29 +395,28 @@ impl ConsumerThread {
         pipeline: Arc<Pipeline>,
         sink: Arc<KafkaOffsetSink>,
         arbiter: ArbiterHandle,
+        restorer: Option<(ChangelogRestorer, Store)>,
     ) -> Result<Self, ConsumerError> {
         let context = AggregatorContext {
             arbiter,
             pipeline: pipeline.clone(),
             assigned: Mutex::new(HashMap::new()),
             drain_timeout: Config::ms(config.tuning.drain_timeout_ms),
+            restorer,
         };
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.kafka.brokers)
-            .set("group.id", &config.kafka.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", &config.kafka.auto_offset_reset)
-            .set(
-                "session.timeout.ms",
-                config.kafka.session_timeout_ms.to_string(),
-            )
-            .set("statistics.interval.ms", "1000")
-            .set("queued.max.messages.kbytes", "16384");
-        for (k, v) in &config.kafka.properties {
-            client.set(k, v);
-        }
+        let session_timeout = config.kafka.session_timeout_ms.to_string();
+        let client = config.kafka.client(&[
+            ("group.id", &config.kafka.group_id),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", &config.kafka.auto_offset_reset),
+            ("session.timeout.ms", &session_timeout),
+            ("statistics.interval.ms", "1000"),
+            // Range gives partition p of every topic to the same member: an entity's events and
+            // its state (changelog partition p) stay together.
+            ("partition.assignment.strategy", "range"),
+            ("queued.max.messages.kbytes", "16384"),
+        ]);
         let consumer: Arc<AggregatorConsumer> = Arc::new(client.create_with_context(context)?);
         let topics = pipeline.rules.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -2,7 +2,6 @@
 //! the dead-letter topic, unchanged, with the reason and its origin in headers.
 
 use aggregator_actors::dead_letter::{DeadLetter, DeadLetterSink, PublishFuture};
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -30,15 +29,11 @@ pub struct KafkaDeadLetters {
 impl KafkaDeadLetters {
     /// A producer for the configured cluster and dead-letter topic.
     pub fn new(config: &Config) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.kafka.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5");
-        for (k, v) in &config.kafka.properties {
-            client.set(k, v);
-        }
+        let client = config.kafka.client(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+        ]);
         Ok(KafkaDeadLetters {
             producer: client.create()?,
             topic: config.kafka.dead_letter_topic.clone(),

@@ -1,5 +1,5 @@
 //! The embedded broker: librdkafka's mock cluster, speaking the Kafka protocol on loopback, with
-//! the source topics and the dead-letter topic created up front (it does not serve CreateTopics).
+//! the source, dead-letter and changelog topics created up front (it does not serve CreateTopics).
 //! It is not `Send`: keep it on the thread that made it.
 
 use rdkafka::config::ClientConfig;
@@ -25,7 +25,7 @@ pub struct BrokerError(#[from] rdkafka::error::KafkaError);
 const INITIAL_REBALANCE_DELAY_MS: i32 = 100;
 
 impl EmbeddedBroker {
-    /// Starts a one-broker cluster with every source topic and the dead-letter topic, each with
+    /// Starts a one-broker cluster with every source topic, the dead-letter and the changelog topic, each with
     /// `partitions` partitions (co-partitioned, as the service expects).
     pub fn start(config: &Config, partitions: i32) -> Result<Self, BrokerError> {
         let owner: BaseProducer = ClientConfig::new()
@@ -38,6 +38,7 @@ impl EmbeddedBroker {
                 cluster.create_topic(&source.topic, partitions, 1)?;
             }
             cluster.create_topic(&config.kafka.dead_letter_topic, partitions, 1)?;
+            cluster.create_topic(&config.changelog.topic, partitions, 1)?;
         }
         // SAFETY: the handle belongs to `owner`, which is alive, and was created with a mock
         // cluster (test.mock.num.brokers), so the pointer is non-null; the call only sets a field.

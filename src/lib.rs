@@ -3,6 +3,8 @@
 //! crate; this crate holds what faces the outside: configuration, Kafka, HTTP, and the demo.
 
 pub mod bench;
+pub mod changelog_producer;
+pub mod changelog_restorer;
 pub mod chaos;
 pub mod config;
 pub mod consumer;

@@ -16,6 +16,8 @@ use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::Topology;
 use aggregator_actors::{RulesError, Store, StoreError};
 
+use crate::changelog_producer::{ChangelogSetupError, KafkaChangelog};
+use crate::changelog_restorer::ChangelogRestorer;
 use crate::config::Config;
 use crate::consumer::{ConsumerError, ConsumerThread, KafkaOffsetSink};
 use crate::dead_letter_producer::KafkaDeadLetters;
@@ -37,6 +39,9 @@ pub enum StartError {
     /// The consumer could not start.
     #[error(transparent)]
     Consumer(#[from] ConsumerError),
+    /// The changelog topic cannot be used.
+    #[error(transparent)]
+    Changelog(#[from] ChangelogSetupError),
     /// The HTTP API could not bind.
     #[error("cannot listen on http.bind {bind:?}: {source}")]
     Http {
@@ -95,13 +100,19 @@ pub async fn start_with(
         Config::ms(config.tuning.commit_interval_ms),
     );
     let committer = Supervisor::start(move |_| committer);
-    let dedup = DedupActor::new(
-        store,
+    let mut dedup = DedupActor::new(
+        store.clone(),
         committer.clone().recipient(),
         topology.clone(),
         metrics.clone(),
         Config::ms(config.store.flush_interval_ms),
     );
+    let mut restorer = None;
+    if config.changelog.enabled {
+        dedup = dedup.with_changelog(Arc::new(KafkaChangelog::new(config)?));
+        let reader = ChangelogRestorer::new(config).map_err(ChangelogSetupError::Kafka)?;
+        restorer = Some((reader, store));
+    }
     let dedup = Supervisor::start(move |_| dedup);
     let pipeline = Arc::new(Pipeline {
         rules,
@@ -148,7 +159,7 @@ pub async fn start_with(
         }
     });
 
-    let consumer = ConsumerThread::start(config, pipeline, sink, Arbiter::current())?;
+    let consumer = ConsumerThread::start(config, pipeline, sink, Arbiter::current(), restorer)?;
     tracing::info!(%http_addr, store = %config.store.path.display(), "aggregator started");
     Ok(RunningService {
         http_addr,

@@ -177,15 +177,7 @@ async fn sigkilled_while_producing_then_restarted_on_the_same_store_loses_and_do
         actix::clock::sleep(Duration::from_millis(200)).await;
     }
 
-    let verify_config = config.clone();
-    let expectation =
-        std::thread::spawn(move || aggregator::verifier::expect_from_topics(&verify_config))
-            .join()
-            .expect("verifier thread")
-            .expect("topics read");
-    let report = aggregator::verifier::compare(&expectation, &http)
-        .await
-        .expect("views read");
+    let report = verify(&config, &http).await;
     eprintln!(
         "after {kills} SIGKILLs, {produced} records produced meanwhile:\n{}",
         aggregator::verifier::render(&report)

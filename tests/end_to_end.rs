@@ -64,16 +64,7 @@ async fn fifty_thousand_events_give_exact_views_in_order_with_dead_letters_and_c
     assert_eq!(dead, want, "dead letters by origin and reason");
 
     // The verifier, with its own reading of the topics and its own fold, agrees.
-    let verify_config = config.clone();
-    let expectation =
-        std::thread::spawn(move || aggregator::verifier::expect_from_topics(&verify_config))
-            .join()
-            .unwrap()
-            .unwrap();
-    let report =
-        aggregator::verifier::compare(&expectation, &format!("http://{}", running.http_addr))
-            .await
-            .unwrap();
+    let report = verify(&config, &format!("http://{}", running.http_addr)).await;
     assert!(
         report.is_clean(),
         "{}",

@@ -16,6 +16,7 @@ use actix::prelude::*;
 use std::future::Future;
 
 use crate::aggregate::Aggregate;
+use crate::changelog::{ChangelogEntry, ChangelogRecord, ChangelogSink};
 use crate::kill::{injected_panic, Kill};
 use crate::metrics::Metrics;
 use crate::offset_committer::Completed;
@@ -104,6 +105,64 @@ pub struct Release;
 #[rtype(result = "Result<(), StoreError>")]
 pub struct FlushNow;
 
+/// Work applied since the last write: written together or not at all.
+#[derive(Default)]
+struct Staged {
+    /// Message ids by partition (nested so that a lookup needs no owned key).
+    markers: HashMap<i32, HashSet<String>>,
+    /// Views by key, with the message ids applied to each since its last write.
+    views: HashMap<String, (SharedAggregate, Vec<String>)>,
+    /// Records this write completes (applied or found to be duplicates).
+    done: Vec<Origin>,
+    /// Source index of every staged event: counted as applied when written, not before, so that
+    /// work lost with a restart is not counted.
+    applied: Vec<usize>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.markers.is_empty() && self.views.is_empty() && self.done.is_empty()
+    }
+
+    /// Puts `older` (a write that failed) back in front of what was staged since.
+    fn put_back(&mut self, older: Staged) {
+        for (partition, ids) in older.markers {
+            self.markers.entry(partition).or_default().extend(ids);
+        }
+        for (key, (view, mut ids)) in older.views {
+            match self.views.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut newer) => {
+                    ids.append(&mut newer.get_mut().1);
+                    newer.get_mut().1 = ids;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert((view, ids));
+                }
+            }
+        }
+        let mut done = older.done;
+        done.append(&mut self.done);
+        self.done = done;
+        self.applied.extend(older.applied);
+    }
+}
+
+/// A staged write, encoded: the store batch and the changelog records of its views.
+struct Encoded {
+    staged: Staged,
+    batch: WriteBatch,
+    records: Vec<ChangelogRecord>,
+}
+
+/// Resolves a [`FlushNow`] once its write is durable.
+type Notify = Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>;
+
+fn notify(to: Notify, result: Result<(), StoreError>) {
+    if let Some(tx) = to {
+        let _ = tx.send(result);
+    }
+}
+
 /// The dedup actor.
 pub struct DedupActor {
     store: Option<Store>,
@@ -111,15 +170,13 @@ pub struct DedupActor {
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
     interval: Duration,
-    /// Staged message ids by partition (nested so that a lookup needs no owned key).
-    markers: HashMap<i32, HashSet<String>>,
-    views: HashMap<String, SharedAggregate>,
-    done: Vec<Origin>,
-    /// Source index of every staged event: counted as applied when written, not before, so that
-    /// work lost with a restart is not counted.
-    applied: Vec<usize>,
+    /// Where each written view is published first, if state follows partitions between instances.
+    changelog: Option<Arc<dyn ChangelogSink>>,
+    staged: Staged,
     /// Entity actors of this incarnation or older started before the last restart.
     fence: u64,
+    /// Restarts so far: a changelog send that resolves after a restart belongs to lost work.
+    epoch: u64,
 }
 
 impl DedupActor {
@@ -137,12 +194,17 @@ impl DedupActor {
             topology,
             metrics,
             interval,
-            markers: HashMap::new(),
-            views: HashMap::new(),
-            done: Vec::new(),
-            applied: Vec::new(),
+            changelog: None,
+            staged: Staged::default(),
             fence: 0,
+            epoch: 0,
         }
+    }
+
+    /// Publishes every written view to `sink` before it is written to the store.
+    pub fn with_changelog(mut self, sink: Arc<dyn ChangelogSink>) -> Self {
+        self.changelog = Some(sink);
+        self
     }
 
     fn stale(&self, incarnation: u64) -> bool {
@@ -153,31 +215,65 @@ impl DedupActor {
         self.store.as_ref().ok_or(StoreError::Released)
     }
 
-    /// Writes the staged markers and views in one atomic batch. On success returns the records
-    /// that batch covers; on failure everything stays staged for the next attempt.
-    fn write_staged(&mut self) -> Result<Vec<Origin>, StoreError> {
-        if self.markers.is_empty() && self.views.is_empty() && self.done.is_empty() {
-            return Ok(Vec::new());
+    /// The staged (or last written and not yet stored) view of `key`.
+    fn staged_view(&self, key: &str) -> Option<Aggregate> {
+        let (view, _) = self.staged.views.get(key)?;
+        Some(view.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Encodes what is staged into a store batch and changelog records, and takes it; `None` if
+    /// nothing is staged. On failure everything stays staged.
+    fn encode_staged(&mut self) -> Result<Option<Encoded>, StoreError> {
+        if self.staged.is_empty() {
+            return Ok(None);
         }
         let mut batch = WriteBatch::default();
+        let mut records = Vec::new();
         let now = chrono::Utc::now().timestamp_millis();
-        for (partition, ids) in &self.markers {
+        for (partition, ids) in &self.staged.markers {
             for id in ids {
                 batch.add_marker(*partition, id, now);
             }
         }
-        for view in self.views.values() {
+        let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());
+        for (view, markers) in self.staged.views.values() {
             let view = view.lock().unwrap_or_else(|p| p.into_inner());
-            batch
-                .put_view(&view)
-                .map_err(|e| StoreError::Write(e.to_string()))?;
+            if self.changelog.is_some() {
+                let entry = ChangelogEntry {
+                    view: view.clone(),
+                    markers: markers.clone(),
+                };
+                records.push(entry.encode().map_err(encode_error)?);
+            }
+            batch.put_view(&view).map_err(encode_error)?;
+        }
+        Ok(Some(Encoded {
+            staged: std::mem::take(&mut self.staged),
+            batch,
+            records,
+        }))
+    }
+
+    /// Writes `encoded` to the store, with the changelog offsets its records reached. On failure
+    /// its work is staged again for the next attempt.
+    fn write_encoded(
+        &mut self,
+        encoded: Encoded,
+        changelog_ends: HashMap<i32, i64>,
+    ) -> Result<Vec<Origin>, StoreError> {
+        let Encoded {
+            staged, mut batch, ..
+        } = encoded;
+        for (partition, next) in changelog_ends {
+            batch.set_changelog_offset(partition, next);
         }
         let (markers, views) = (batch.markers as u64, batch.views as u64);
-        let expired = match self.store()?.write(batch) {
+        let expired = match self.store().and_then(|s| s.write(batch)) {
             Ok(expired) => expired,
             Err(e) => {
                 self.metrics.fault("store_write");
                 self.topology.dedup.set_fault(Some(e.to_string()));
+                self.staged.put_back(staged);
                 return Err(e);
             }
         };
@@ -185,13 +281,85 @@ impl DedupActor {
         stats.markers_expired.fetch_add(expired, Ordering::Relaxed);
         stats.markers_written.fetch_add(markers, Ordering::Relaxed);
         stats.views_written.fetch_add(views, Ordering::Relaxed);
-        stats.pending.store(0, Ordering::Relaxed);
-        self.markers.clear();
-        self.views.clear();
-        for source in self.applied.drain(..) {
+        stats
+            .pending
+            .store(self.staged.applied.len() as u64, Ordering::Relaxed);
+        for source in staged.applied {
             self.metrics.source(source).applied.inc();
         }
-        Ok(std::mem::take(&mut self.done))
+        Ok(staged.done)
+    }
+
+    /// Writes what is staged: to the changelog first (the actor handles nothing else until the
+    /// broker has it, so the store sees writes in the order the changelog does), then to the
+    /// store; then flushes and completes the records it covers. `done` hears when it is durable.
+    fn write_staged(&mut self, ctx: &mut Context<Self>, done: Notify) {
+        let mut encoded = match self.encode_staged() {
+            Ok(Some(encoded)) => encoded,
+            Ok(None) => {
+                if done.is_some() {
+                    self.flush_then(ctx, Vec::new(), done);
+                }
+                return;
+            }
+            Err(e) => return notify(done, Err(e)),
+        };
+        let sink = match &self.changelog {
+            Some(sink) if !encoded.records.is_empty() => sink.clone(),
+            _ => return self.store_then_flush(ctx, encoded, HashMap::new(), done),
+        };
+        let sent = encoded.records.len() as u64;
+        let send = sink.send(std::mem::take(&mut encoded.records));
+        let epoch = self.epoch;
+        ctx.wait(send.into_actor(self).map(move |res, act, ctx| {
+            if act.epoch != epoch {
+                // Sent by the actor before it restarted: that work is read again and redone.
+                return notify(
+                    done,
+                    Err(StoreError::Write("the dedup actor restarted".into())),
+                );
+            }
+            match res {
+                Ok(ends) => {
+                    act.topology
+                        .dedup
+                        .changelog_sent
+                        .fetch_add(sent, Ordering::Relaxed);
+                    act.store_then_flush(ctx, encoded, ends, done)
+                }
+                Err(e) => {
+                    tracing::warn!("changelog send failed, will retry: {e}");
+                    act.metrics.fault("changelog");
+                    act.topology.dedup.set_fault(Some(e.to_string()));
+                    act.staged.put_back(encoded.staged);
+                    notify(done, Err(StoreError::Write(e.to_string())));
+                }
+            }
+        }));
+    }
+
+    fn store_then_flush(
+        &mut self,
+        ctx: &mut Context<Self>,
+        encoded: Encoded,
+        changelog_ends: HashMap<i32, i64>,
+        done: Notify,
+    ) {
+        match self.write_encoded(encoded, changelog_ends) {
+            Ok(origins) => self.flush_then(ctx, origins, done),
+            Err(e) => {
+                tracing::warn!("store write failed, will retry: {e}");
+                notify(done, Err(e));
+            }
+        }
+    }
+
+    fn flush_then(&mut self, ctx: &mut Context<Self>, origins: Vec<Origin>, done: Notify) {
+        ctx.spawn(
+            self.flush_and_complete(origins)
+                .into_actor(self)
+                .map(move |res, _, _| notify(done, res)),
+        );
     }
 
     /// Flushes the store until it succeeds, then completes `done`.
@@ -233,17 +401,7 @@ impl DedupActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        match self.write_staged() {
-            Ok(done) if done.is_empty() => {}
-            Ok(done) => {
-                ctx.spawn(
-                    self.flush_and_complete(done)
-                        .into_actor(self)
-                        .map(|_, _, _| ()),
-                );
-            }
-            Err(e) => tracing::warn!("store write failed, will retry: {e}"),
-        }
+        self.write_staged(ctx, None);
     }
 }
 
@@ -261,13 +419,11 @@ impl Supervised for DedupActor {
             return; // released at shutdown: nothing to recover
         }
         tracing::warn!(
-            staged = self.done.len(),
+            staged = self.staged.done.len(),
             "dedup actor restarted; its staged work is lost and every partition is rewound"
         );
-        self.markers.clear();
-        self.views.clear();
-        self.done.clear();
-        self.applied.clear();
+        self.staged = Staged::default();
+        self.epoch += 1;
         self.topology.dedup.pending.store(0, Ordering::Relaxed);
         self.topology.dedup.restarts.fetch_add(1, Ordering::Relaxed);
         self.metrics.actor_restarts("dedup");
@@ -292,8 +448,8 @@ impl Handler<Load> for DedupActor {
     type Result = Result<Aggregate, StoreError>;
 
     fn handle(&mut self, msg: Load, _: &mut Self::Context) -> Self::Result {
-        if let Some(view) = self.views.get(&msg.key) {
-            return Ok(view.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        if let Some(view) = self.staged_view(&msg.key) {
+            return Ok(view);
         }
         Ok(self
             .store()?
@@ -312,13 +468,14 @@ impl Handler<Check> for DedupActor {
         let stats = &self.topology.dedup;
         stats.checks.fetch_add(1, Ordering::Relaxed);
         let seen = self
+            .staged
             .markers
             .get(&msg.partition)
             .is_some_and(|ids| ids.contains(&msg.message_id))
             || self.store()?.has_marker(msg.partition, &msg.message_id)?;
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
-            self.done.push(msg.origin);
+            self.staged.done.push(msg.origin);
             return Ok(Verdict::Seen);
         }
         Ok(Verdict::New)
@@ -338,13 +495,21 @@ impl Handler<Stage> for DedupActor {
             .unwrap_or_else(|p| p.into_inner())
             .key
             .clone();
-        self.markers
+        let staged = &mut self.staged;
+        staged
+            .markers
             .entry(msg.partition)
             .or_default()
-            .insert(msg.message_id);
-        self.views.insert(key, msg.view);
-        self.done.push(msg.origin);
-        self.applied.push(msg.source);
+            .insert(msg.message_id.clone());
+        let (view, markers) = staged
+            .views
+            .entry(key)
+            .or_insert_with(|| (msg.view.clone(), Vec::new()));
+        // A new actor of the same key (after passivation) stages its own view object.
+        *view = msg.view;
+        markers.push(msg.message_id);
+        staged.done.push(msg.origin);
+        staged.applied.push(msg.source);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -352,11 +517,10 @@ impl Handler<Stage> for DedupActor {
 impl Handler<FlushNow> for DedupActor {
     type Result = ResponseActFuture<Self, Result<(), StoreError>>;
 
-    fn handle(&mut self, _: FlushNow, _: &mut Self::Context) -> Self::Result {
-        match self.write_staged() {
-            Ok(done) => Box::pin(self.flush_and_complete(done).into_actor(self)),
-            Err(e) => Box::pin(fut::ready(Err(e))),
-        }
+    fn handle(&mut self, _: FlushNow, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.write_staged(ctx, Some(tx));
+        Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Released)) }.into_actor(self))
     }
 }
 
@@ -364,8 +528,8 @@ impl Handler<Peek> for DedupActor {
     type Result = Result<Option<Aggregate>, StoreError>;
 
     fn handle(&mut self, msg: Peek, _: &mut Self::Context) -> Self::Result {
-        if let Some(view) = self.views.get(&msg.key) {
-            return Ok(Some(view.lock().unwrap_or_else(|p| p.into_inner()).clone()));
+        if let Some(view) = self.staged_view(&msg.key) {
+            return Ok(Some(view));
         }
         self.store()?.load(&msg.key)
     }

@@ -53,6 +53,14 @@ impl EntityRegistry {
         }
     }
 
+    /// Forgets the actor of `key` and asks it to stop, so that the next event loads the stored
+    /// view afresh (it was replaced from the changelog).
+    pub fn passivate(&self, key: &str) {
+        if let Some((_, h)) = self.actors.remove(key) {
+            h.addr.do_send(Passivate);
+        }
+    }
+
     /// Registers the actor of `key`.
     pub fn insert(&self, key: String, handle: EntityHandle) {
         self.actors.insert(key, handle);

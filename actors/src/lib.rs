@@ -4,6 +4,7 @@
 //! letters go out through the sinks, so the whole tree runs in tests without a broker.
 
 pub mod aggregate;
+pub mod changelog;
 pub mod dead_letter;
 pub mod dedup_actor;
 pub mod entity_actor;

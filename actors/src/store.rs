@@ -5,7 +5,8 @@
 //! partition so that one partition's state can be read out alone; `m/{partition:05}/{message id}`
 //! marks a message as applied (its value is the time it was written); `s/{partition:05}/{seq:020}`
 //! lists a partition's markers in the order they were written, so that the oldest expire once a
-//! partition holds more than the dedup window.
+//! partition holds more than the dedup window; `c/{partition:05}` is the changelog offset up to
+//! which the partition's state is in the store.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -95,10 +96,21 @@ impl WriteBatch {
     /// Writes the view `agg` and its partition index entry.
     pub fn put_view(&mut self, agg: &Aggregate) -> Result<(), serde_json::Error> {
         let bytes = serde_json::to_vec(agg)?;
-        self.batch.insert(view_key(&agg.key), bytes);
-        self.batch.insert(index_key(agg.partition, &agg.key), &[]);
-        self.views += 1;
+        self.put_encoded_view(agg.partition, &agg.key, bytes);
         Ok(())
+    }
+
+    /// Writes the view of `key`, already encoded as JSON, and its partition index entry.
+    pub fn put_encoded_view(&mut self, partition: i32, key: &str, json: Vec<u8>) {
+        self.batch.insert(view_key(key), json);
+        self.batch.insert(index_key(partition, key), &[]);
+        self.views += 1;
+    }
+
+    /// Records that changelog `partition` is reflected in the store up to `next` (exclusive).
+    pub fn set_changelog_offset(&mut self, partition: i32, next: i64) {
+        self.batch
+            .insert(changelog_key(partition), &next.to_be_bytes());
     }
 
     /// Whether the batch writes nothing.
@@ -117,6 +129,10 @@ fn index_key(partition: i32, key: &str) -> Vec<u8> {
 
 fn marker_key(partition: i32, message_id: &str) -> Vec<u8> {
     format!("m/{partition:05}/{message_id}").into_bytes()
+}
+
+fn changelog_key(partition: i32) -> Vec<u8> {
+    format!("c/{partition:05}").into_bytes()
 }
 
 fn sequence_prefix(partition: i32) -> String {
@@ -269,6 +285,17 @@ impl Store {
                 next: seq_of(l) + 1,
             },
         })
+    }
+
+    /// The changelog offset of `partition` to read from next: records below it are in the store.
+    pub fn changelog_offset(&self, partition: i32) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .get(changelog_key(partition))
+            .map_err(StoreError::Read)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(i64::from_be_bytes)
+            .unwrap_or(0))
     }
 
     /// Markers kept for `partition`.

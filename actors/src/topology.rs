@@ -72,6 +72,10 @@ pub struct DedupStats {
     pub markers_expired: AtomicU64,
     /// Completed flushes.
     pub flushes: AtomicU64,
+    /// Views published to the changelog.
+    pub changelog_sent: AtomicU64,
+    /// Changelog records replayed into the store on assignment.
+    pub changelog_restored: AtomicU64,
     /// Events staged and not yet written.
     pub pending: AtomicU64,
     /// Times the actor was restarted after it died.
@@ -219,6 +223,10 @@ pub struct DedupSnapshot {
     pub markers_expired: u64,
     /// Flushes done.
     pub flushes: u64,
+    /// Views published to the changelog.
+    pub changelog_sent: u64,
+    /// Changelog records replayed into the store on assignment.
+    pub changelog_restored: u64,
     /// Events staged, not yet written.
     pub pending: u64,
     /// Restarts after the actor died.
@@ -322,6 +330,8 @@ impl Topology {
                 views_written: load(&d.views_written),
                 markers_expired: load(&d.markers_expired),
                 flushes: load(&d.flushes),
+                changelog_sent: load(&d.changelog_sent),
+                changelog_restored: load(&d.changelog_restored),
                 pending: load(&d.pending),
                 restarts: load(&d.restarts),
                 store_bytes: load(&d.store_bytes),

@@ -23,8 +23,19 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
+/// Logs to the test's output when `RUST_LOG` is set (for example `RUST_LOG=aggregator=info`).
+pub fn log_if_asked() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A fresh store directory, the test configuration and an embedded broker it points at.
 pub fn setup() -> (tempfile::TempDir, Config, EmbeddedBroker) {
+    log_if_asked();
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut config = test_config(&dir.path().join("store"));
     let broker = EmbeddedBroker::start(&config, PARTITIONS).expect("embedded broker");
@@ -458,6 +469,20 @@ pub async fn compare_views(service: &RunningService, expected: &Expected) -> Vec
         aggregator::verifier::differences(key, want, &got, 0.0, &mut out);
     }
     out
+}
+
+/// The verifier's report on the views served at `base`: it reads the topics itself (on a thread
+/// of its own, as its client blocks) and recomputes every view with its own fold.
+pub async fn verify(config: &Config, base: &str) -> aggregator::verifier::Report {
+    let verify_config = config.clone();
+    let expectation =
+        std::thread::spawn(move || aggregator::verifier::expect_from_topics(&verify_config))
+            .join()
+            .expect("verifier thread")
+            .expect("topics read");
+    aggregator::verifier::compare(&expectation, base)
+        .await
+        .expect("views read")
 }
 
 /// Reads the dead-letter topic from the beginning until `expected` records arrived (or `timeout`)

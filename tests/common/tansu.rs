@@ -78,7 +78,10 @@ impl TansuBroker {
             .sources
             .iter()
             .map(|s| s.topic.as_str())
-            .chain([config.kafka.dead_letter_topic.as_str()])
+            .chain([
+                config.kafka.dead_letter_topic.as_str(),
+                config.changelog.topic.as_str(),
+            ])
             .collect();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
