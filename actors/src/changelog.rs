@@ -57,16 +57,30 @@ pub enum ChangelogError {
     Store(#[from] crate::store::StoreError),
 }
 
-impl ChangelogEntry {
-    /// The record of this entry.
-    pub fn encode(&self) -> Result<ChangelogRecord, serde_json::Error> {
+impl ChangelogRecord {
+    /// The record of `view`, whose JSON encoding is `view_json` (encoded once for the store and
+    /// the changelog alike), with the message ids it newly holds.
+    pub fn of_view(
+        view: &Aggregate,
+        view_json: &[u8],
+        markers: &[String],
+    ) -> Result<Self, serde_json::Error> {
+        let markers = serde_json::to_vec(markers)?;
+        let mut value = Vec::with_capacity(view_json.len() + markers.len() + 24);
+        value.extend_from_slice(b"{\"view\":");
+        value.extend_from_slice(view_json);
+        value.extend_from_slice(b",\"markers\":");
+        value.extend_from_slice(&markers);
+        value.push(b'}');
         Ok(ChangelogRecord {
-            partition: self.view.partition,
-            key: self.view.key.clone(),
-            value: serde_json::to_vec(self)?,
+            partition: view.partition,
+            key: view.key.clone(),
+            value,
         })
     }
+}
 
+impl ChangelogEntry {
     /// Decodes the record at `offset` of changelog `partition`.
     pub fn decode(partition: i32, offset: i64, value: &[u8]) -> Result<Self, ChangelogError> {
         serde_json::from_slice(value).map_err(|e| ChangelogError::Decode {
@@ -134,7 +148,8 @@ mod tests {
             view,
             markers: vec!["m3".into(), "m4".into()],
         };
-        let record = entry.encode().unwrap();
+        let json = serde_json::to_vec(&entry.view).unwrap();
+        let record = ChangelogRecord::of_view(&entry.view, &json, &entry.markers).unwrap();
         assert_eq!((record.partition, record.key.as_str()), (2, "C1"));
         assert_eq!(ChangelogEntry::decode(2, 9, &record.value).unwrap(), entry);
         let err = ChangelogEntry::decode(2, 9, b"{\"view\":1}").unwrap_err();

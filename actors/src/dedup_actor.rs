@@ -1,11 +1,15 @@
 //! The dedup actor: owns the store, decides whether a message id was applied before, and writes
 //! each event's marker together with the view it produced in one atomic batch (group commit on an
-//! interval). Offsets complete only after the batch that covers them is flushed.
+//! interval). Offsets complete only after the batch that covers them is flushed. Each batch's
+//! views go to the changelog first; the store write runs on a blocking thread while the actor
+//! stages the next batch, answering checks and loads from the batch in flight until it is stored.
 //!
 //! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
 //! what it had staged lost. It then fences off every entity actor that may hold a view with
 //! effects that never reached the store, and has every partition rewound to its lowest unfinished
 //! offset; the records read again are checked against the store's markers, so none counts twice.
+//! A store write already running when it restarts is waited for, so that no view loaded after the
+//! restart misses an effect whose marker is stored.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -16,7 +20,7 @@ use actix::prelude::*;
 use std::future::Future;
 
 use crate::aggregate::Aggregate;
-use crate::changelog::{ChangelogEntry, ChangelogRecord, ChangelogSink};
+use crate::changelog::{ChangelogRecord, ChangelogSink};
 use crate::kill::{injected_panic, Kill};
 use crate::metrics::Metrics;
 use crate::offset_committer::Completed;
@@ -154,12 +158,58 @@ struct Encoded {
     records: Vec<ChangelogRecord>,
 }
 
-/// Resolves a [`FlushNow`] once its write is durable.
-type Notify = Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>;
+/// [`FlushNow`]s waiting for a write to be durable.
+type Waiters = Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>;
 
-fn notify(to: Notify, result: Result<(), StoreError>) {
-    if let Some(tx) = to {
-        let _ = tx.send(result);
+fn notify_all(waiters: Waiters, result: Result<(), StoreError>) {
+    for tx in waiters {
+        let _ = tx.send(match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StoreError::Write(e.to_string())),
+        });
+    }
+}
+
+/// Why a write in flight did not reach the store.
+enum WriteFailure {
+    Changelog(crate::changelog::ChangelogError),
+    Store(StoreError),
+    /// The actor restarted while the changelog send was under way: the work is redone.
+    Restarted,
+}
+
+/// Counts store writes running off the actix thread, so that a restarting dedup actor can wait
+/// until none is: a view it loads afterwards then holds every effect whose marker is stored.
+#[derive(Default)]
+struct WriteGate {
+    running: Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+/// A write in progress; leaves the gate when dropped.
+struct Entered(Arc<WriteGate>);
+
+impl WriteGate {
+    fn enter(self: &Arc<Self>) -> Entered {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        Entered(self.clone())
+    }
+
+    fn wait_idle(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running > 0 {
+            running = self.idle.wait(running).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running -= 1;
+        if *running == 0 {
+            self.0.idle.notify_all();
+        }
     }
 }
 
@@ -173,10 +223,18 @@ pub struct DedupActor {
     /// Where each written view is published first, if state follows partitions between instances.
     changelog: Option<Arc<dyn ChangelogSink>>,
     staged: Staged,
+    /// The work of the write in flight, until it is stored.
+    writing: Option<Staged>,
+    /// `FlushNow`s waiting for the next write.
+    flush_waiters: Waiters,
+    /// Store writes running on other threads.
+    gate: Arc<WriteGate>,
     /// Entity actors of this incarnation or older started before the last restart.
     fence: u64,
-    /// Restarts so far: a changelog send that resolves after a restart belongs to lost work.
+    /// Restarts so far: a write whose changelog send resolves after a restart is dropped.
     epoch: u64,
+    /// The same, for the write's future.
+    shared_epoch: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl DedupActor {
@@ -196,8 +254,12 @@ impl DedupActor {
             interval,
             changelog: None,
             staged: Staged::default(),
+            writing: None,
+            flush_waiters: Vec::new(),
+            gate: Arc::default(),
             fence: 0,
             epoch: 0,
+            shared_epoch: Arc::default(),
         }
     }
 
@@ -215,10 +277,26 @@ impl DedupActor {
         self.store.as_ref().ok_or(StoreError::Released)
     }
 
-    /// The staged (or last written and not yet stored) view of `key`.
+    /// The staged (or being written) view of `key`.
     fn staged_view(&self, key: &str) -> Option<Aggregate> {
-        let (view, _) = self.staged.views.get(key)?;
+        let (view, _) = self
+            .staged
+            .views
+            .get(key)
+            .or_else(|| self.writing.as_ref()?.views.get(key))?;
         Some(view.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Whether `message_id` of `partition` is staged or being written.
+    fn staged_marker(&self, partition: i32, message_id: &str) -> bool {
+        [Some(&self.staged), self.writing.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|s| {
+                s.markers
+                    .get(&partition)
+                    .is_some_and(|ids| ids.contains(message_id))
+            })
     }
 
     /// Encodes what is staged into a store batch and changelog records, and takes it; `None` if
@@ -238,14 +316,12 @@ impl DedupActor {
         let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());
         for (view, markers) in self.staged.views.values() {
             let view = view.lock().unwrap_or_else(|p| p.into_inner());
+            let json = serde_json::to_vec(&*view).map_err(encode_error)?;
             if self.changelog.is_some() {
-                let entry = ChangelogEntry {
-                    view: view.clone(),
-                    markers: markers.clone(),
-                };
-                records.push(entry.encode().map_err(encode_error)?);
+                records
+                    .push(ChangelogRecord::of_view(&view, &json, markers).map_err(encode_error)?);
             }
-            batch.put_view(&view).map_err(encode_error)?;
+            batch.put_encoded_view(view.partition, &view.key, json);
         }
         Ok(Some(Encoded {
             staged: std::mem::take(&mut self.staged),
@@ -254,111 +330,135 @@ impl DedupActor {
         }))
     }
 
-    /// Writes `encoded` to the store, with the changelog offsets its records reached. On failure
-    /// its work is staged again for the next attempt.
-    fn write_encoded(
-        &mut self,
-        encoded: Encoded,
-        changelog_ends: HashMap<i32, i64>,
-    ) -> Result<Vec<Origin>, StoreError> {
-        let Encoded {
-            staged, mut batch, ..
-        } = encoded;
-        for (partition, next) in changelog_ends {
-            batch.set_changelog_offset(partition, next);
+    /// Writes what is staged, off the actix thread: to the changelog first, then (once the broker
+    /// has it) to the store in one atomic batch; then flushes and completes the records it covers.
+    /// One write is in flight at a time; meanwhile its work answers checks and loads from memory.
+    fn write_staged(&mut self, ctx: &mut Context<Self>) {
+        if self.writing.is_some() {
+            return; // the write in flight starts the next one when it ends
         }
-        let (markers, views) = (batch.markers as u64, batch.views as u64);
-        let expired = match self.store().and_then(|s| s.write(batch)) {
-            Ok(expired) => expired,
-            Err(e) => {
-                self.metrics.fault("store_write");
-                self.topology.dedup.set_fault(Some(e.to_string()));
-                self.staged.put_back(staged);
-                return Err(e);
-            }
-        };
-        let stats = &self.topology.dedup;
-        stats.markers_expired.fetch_add(expired, Ordering::Relaxed);
-        stats.markers_written.fetch_add(markers, Ordering::Relaxed);
-        stats.views_written.fetch_add(views, Ordering::Relaxed);
-        stats
-            .pending
-            .store(self.staged.applied.len() as u64, Ordering::Relaxed);
-        for source in staged.applied {
-            self.metrics.source(source).applied.inc();
-        }
-        Ok(staged.done)
-    }
-
-    /// Writes what is staged: to the changelog first (the actor handles nothing else until the
-    /// broker has it, so the store sees writes in the order the changelog does), then to the
-    /// store; then flushes and completes the records it covers. `done` hears when it is durable.
-    fn write_staged(&mut self, ctx: &mut Context<Self>, done: Notify) {
-        let mut encoded = match self.encode_staged() {
+        let waiters = std::mem::take(&mut self.flush_waiters);
+        let encoded = match self.encode_staged() {
             Ok(Some(encoded)) => encoded,
             Ok(None) => {
-                if done.is_some() {
-                    self.flush_then(ctx, Vec::new(), done);
+                if !waiters.is_empty() {
+                    self.flush_then(ctx, Vec::new(), waiters);
                 }
                 return;
             }
-            Err(e) => return notify(done, Err(e)),
+            Err(e) => return notify_all(waiters, Err(e)),
         };
-        let sink = match &self.changelog {
-            Some(sink) if !encoded.records.is_empty() => sink.clone(),
-            _ => return self.store_then_flush(ctx, encoded, HashMap::new(), done),
+        let Encoded {
+            mut staged,
+            mut batch,
+            records,
+        } = encoded;
+        let Some(store) = self.store.clone() else {
+            self.staged.put_back(staged);
+            return notify_all(waiters, Err(StoreError::Released));
         };
-        let sent = encoded.records.len() as u64;
-        let send = sink.send(std::mem::take(&mut encoded.records));
-        let epoch = self.epoch;
-        ctx.wait(send.into_actor(self).map(move |res, act, ctx| {
+        // Counted once stored, even if the actor restarts meanwhile: those events are in the
+        // store, and read again they are dropped as duplicates.
+        let applied = std::mem::take(&mut staged.applied);
+        self.writing = Some(staged);
+        let sent = records.len() as u64;
+        let (topology, metrics) = (self.topology.clone(), self.metrics.clone());
+        let send = match &self.changelog {
+            Some(sink) if !records.is_empty() => sink.send(records),
+            _ => Box::pin(std::future::ready(Ok(HashMap::new()))),
+        };
+        let (epoch, shared_epoch, gate) =
+            (self.epoch, self.shared_epoch.clone(), self.gate.clone());
+        let write = async move {
+            let ends = match send.await {
+                Ok(ends) => ends,
+                Err(e) => return Err((WriteFailure::Changelog(e), applied)),
+            };
+            if shared_epoch.load(Ordering::Relaxed) != epoch {
+                return Err((WriteFailure::Restarted, applied));
+            }
+            for (partition, next) in ends {
+                batch.set_changelog_offset(partition, next);
+            }
+            let (markers, views) = (batch.markers as u64, batch.views as u64);
+            // Entered here, on the actix thread, so that a restart can wait for it to end.
+            let entered = gate.enter();
+            // Counted by the blocking task itself: the actor may restart, and drop this future,
+            // while the write runs to its end.
+            let written = tokio::task::spawn_blocking(move || {
+                let _entered = entered;
+                let expired = match store.write(batch) {
+                    Ok(expired) => expired,
+                    Err(e) => return Err((WriteFailure::Store(e), applied)),
+                };
+                let stats = &topology.dedup;
+                stats.changelog_sent.fetch_add(sent, Ordering::Relaxed);
+                stats.markers_expired.fetch_add(expired, Ordering::Relaxed);
+                stats.markers_written.fetch_add(markers, Ordering::Relaxed);
+                stats.views_written.fetch_add(views, Ordering::Relaxed);
+                for source in applied {
+                    metrics.source(source).applied.inc();
+                }
+                Ok(())
+            })
+            .await;
+            match written {
+                Ok(result) => result,
+                // The write panicked: its work stays staged and is retried, uncounted.
+                Err(e) => Err((
+                    WriteFailure::Store(StoreError::Write(e.to_string())),
+                    Vec::new(),
+                )),
+            }
+        };
+        ctx.spawn(write.into_actor(self).map(move |res, act, ctx| {
             if act.epoch != epoch {
-                // Sent by the actor before it restarted: that work is read again and redone.
-                return notify(
-                    done,
+                return notify_all(
+                    waiters,
                     Err(StoreError::Write("the dedup actor restarted".into())),
                 );
             }
+            let Some(mut staged) = act.writing.take() else {
+                return;
+            };
             match res {
-                Ok(ends) => {
+                Ok(()) => {
                     act.topology
                         .dedup
-                        .changelog_sent
-                        .fetch_add(sent, Ordering::Relaxed);
-                    act.store_then_flush(ctx, encoded, ends, done)
+                        .pending
+                        .store(act.staged.applied.len() as u64, Ordering::Relaxed);
+                    act.flush_then(ctx, staged.done, waiters);
                 }
-                Err(e) => {
-                    tracing::warn!("changelog send failed, will retry: {e}");
-                    act.metrics.fault("changelog");
+                Err((failure, applied)) => {
+                    staged.applied = applied;
+                    let e = match failure {
+                        WriteFailure::Changelog(e) => {
+                            act.metrics.fault("changelog");
+                            StoreError::Write(e.to_string())
+                        }
+                        WriteFailure::Store(e) => {
+                            act.metrics.fault("store_write");
+                            e
+                        }
+                        WriteFailure::Restarted => StoreError::Write("restarted".into()),
+                    };
+                    tracing::warn!("write failed, will retry: {e}");
                     act.topology.dedup.set_fault(Some(e.to_string()));
-                    act.staged.put_back(encoded.staged);
-                    notify(done, Err(StoreError::Write(e.to_string())));
+                    act.staged.put_back(staged);
+                    notify_all(waiters, Err(e));
                 }
+            }
+            if !act.flush_waiters.is_empty() {
+                act.write_staged(ctx);
             }
         }));
     }
 
-    fn store_then_flush(
-        &mut self,
-        ctx: &mut Context<Self>,
-        encoded: Encoded,
-        changelog_ends: HashMap<i32, i64>,
-        done: Notify,
-    ) {
-        match self.write_encoded(encoded, changelog_ends) {
-            Ok(origins) => self.flush_then(ctx, origins, done),
-            Err(e) => {
-                tracing::warn!("store write failed, will retry: {e}");
-                notify(done, Err(e));
-            }
-        }
-    }
-
-    fn flush_then(&mut self, ctx: &mut Context<Self>, origins: Vec<Origin>, done: Notify) {
+    fn flush_then(&mut self, ctx: &mut Context<Self>, origins: Vec<Origin>, waiters: Waiters) {
         ctx.spawn(
             self.flush_and_complete(origins)
                 .into_actor(self)
-                .map(move |res, _, _| notify(done, res)),
+                .map(move |res, _, _| notify_all(waiters, res)),
         );
     }
 
@@ -401,7 +501,7 @@ impl DedupActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        self.write_staged(ctx, None);
+        self.write_staged(ctx);
     }
 }
 
@@ -423,7 +523,11 @@ impl Supervised for DedupActor {
             "dedup actor restarted; its staged work is lost and every partition is rewound"
         );
         self.staged = Staged::default();
+        self.writing = None;
         self.epoch += 1;
+        self.shared_epoch.store(self.epoch, Ordering::Relaxed);
+        // A write already under way lands first, so that views loaded from now on hold it.
+        self.gate.wait_idle();
         self.topology.dedup.pending.store(0, Ordering::Relaxed);
         self.topology.dedup.restarts.fetch_add(1, Ordering::Relaxed);
         self.metrics.actor_restarts("dedup");
@@ -467,11 +571,7 @@ impl Handler<Check> for DedupActor {
         }
         let stats = &self.topology.dedup;
         stats.checks.fetch_add(1, Ordering::Relaxed);
-        let seen = self
-            .staged
-            .markers
-            .get(&msg.partition)
-            .is_some_and(|ids| ids.contains(&msg.message_id))
+        let seen = self.staged_marker(msg.partition, &msg.message_id)
             || self.store()?.has_marker(msg.partition, &msg.message_id)?;
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -519,7 +619,8 @@ impl Handler<FlushNow> for DedupActor {
 
     fn handle(&mut self, _: FlushNow, ctx: &mut Self::Context) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.write_staged(ctx, Some(tx));
+        self.flush_waiters.push(tx);
+        self.write_staged(ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(StoreError::Released)) }.into_actor(self))
     }
 }
