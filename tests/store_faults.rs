@@ -35,6 +35,12 @@ async fn failed_store_writes_are_retried_until_the_store_recovers() {
     wait_committed(&running, &end_offsets(&produced), Duration::from_secs(240)).await;
     assert_views_exact(&running, &expected).await;
     let metrics = get_text(&running, "/metrics").await;
+    eprintln!(
+        "store faults: 100 failed writes injected; {} store write faults counted in /metrics; \
+         {} events applied, views exact",
+        metric_sum(&metrics, "aggregator_faults_total{kind=\"store_write\"}"),
+        running.metrics.totals().1
+    );
     assert!(
         metrics.contains("aggregator_faults_total{kind=\"store_write\"}"),
         "no store fault counted"
