@@ -120,7 +120,7 @@ pub fn restore_into(
     for (_, entry) in entries {
         for id in &entry.markers {
             if !marked.contains(id.as_str()) && !store.has_marker(partition, id)? {
-                batch.add_marker(partition, id, 0);
+                batch.add_marker(partition, id);
                 marked.insert(id.as_str());
             }
         }
@@ -170,7 +170,7 @@ mod tests {
         };
         assert_eq!(store.changelog_offset(1).unwrap(), 0);
         let mut first = WriteBatch::default();
-        first.add_marker(1, "a", 0);
+        first.add_marker(1, "a");
         store.write(first).unwrap();
         let entries = [(4, entry(1, &["a"])), (7, entry(2, &["b", "c"]))];
         assert_eq!(restore_into(&store, 1, &entries).unwrap(), 2);

@@ -307,10 +307,9 @@ impl DedupActor {
         }
         let mut batch = WriteBatch::default();
         let mut records = Vec::new();
-        let now = chrono::Utc::now().timestamp_millis();
         for (partition, ids) in &self.staged.markers {
             for id in ids {
-                batch.add_marker(*partition, id, now);
+                batch.add_marker(*partition, id);
             }
         }
         let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());

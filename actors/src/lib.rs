@@ -12,6 +12,7 @@ pub mod entity_registry;
 pub mod envelope;
 pub mod fault_injector;
 pub mod kill;
+mod marker_index;
 pub mod metrics;
 pub mod offset_committer;
 pub mod offset_tracker;

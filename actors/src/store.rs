@@ -2,18 +2,18 @@
 //! written through atomic batches so that a marker never exists without its effect.
 //!
 //! Keys: `e/{entity}` holds the view as JSON; `p/{partition:05}/{entity}` indexes entities by
-//! partition so that one partition's state can be read out alone; `m/{partition:05}/{message id}`
-//! marks a message as applied (its value is the time it was written); `s/{partition:05}/{seq:020}`
-//! lists a partition's markers in the order they were written, so that the oldest expire once a
-//! partition holds more than the dedup window; `c/{partition:05}` is the changelog offset up to
-//! which the partition's state is in the store.
+//! partition so that one partition's state can be read out alone (written with a view's first
+//! write only); `d/{partition:05}/{seq:020}` holds the message ids one write marked as applied in
+//! the partition (see [`crate::marker_index`]: one entry per partition per write, looked up in
+//! memory, expired whole once the dedup window has passed all its ids); `c/{partition:05}` is the
+//! changelog offset up to which the partition's state is in the store.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::aggregate::Aggregate;
 use crate::fault_injector::FaultInjector;
+use crate::marker_index::{self, MarkerIndex};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,12 @@ pub enum StoreError {
     /// The store was handed back at shutdown and is no longer usable here.
     #[error("the store was released at shutdown")]
     Released,
+    /// A stored marker batch does not decode.
+    #[error("stored marker batch {key:?} does not decode")]
+    CorruptMarkers {
+        /// The batch's key.
+        key: String,
+    },
     /// A stored view does not decode.
     #[error("stored view of {key:?} does not decode: {source}")]
     Decode {
@@ -56,17 +62,10 @@ pub struct Store {
     db: sled::Db,
     path: PathBuf,
     faults: FaultInjector,
-    /// Markers kept per partition; older ones expire.
-    window: u64,
-    /// Per partition, the sequence numbers of its oldest kept and its next marker.
-    sequences: Arc<Mutex<HashMap<i32, MarkerSequence>>>,
-}
-
-/// Where a partition's marker list starts and ends.
-#[derive(Clone, Copy, Debug, Default)]
-struct MarkerSequence {
-    oldest: u64,
-    next: u64,
+    /// The dedup window of every partition, in memory.
+    markers: Arc<Mutex<MarkerIndex>>,
+    /// Held for a whole write, so that one write's plan is committed before the next is made.
+    writing: Arc<Mutex<()>>,
 }
 
 /// Markers kept per partition by a store opened without a window.
@@ -78,6 +77,8 @@ pub struct WriteBatch {
     batch: sled::Batch,
     /// Message ids marked, by partition, in order.
     marked: Vec<(i32, String)>,
+    /// Views written, by partition and key: indexed if they are new.
+    viewed: Vec<(i32, String)>,
     /// Markers in this batch.
     pub markers: usize,
     /// Views in this batch.
@@ -85,10 +86,8 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    /// Marks `message_id` of `partition` as applied at `now_ms`.
-    pub fn add_marker(&mut self, partition: i32, message_id: &str, now_ms: i64) {
-        self.batch
-            .insert(marker_key(partition, message_id), &now_ms.to_be_bytes());
+    /// Marks `message_id` of `partition` as applied.
+    pub fn add_marker(&mut self, partition: i32, message_id: &str) {
         self.marked.push((partition, message_id.to_string()));
         self.markers += 1;
     }
@@ -103,7 +102,7 @@ impl WriteBatch {
     /// Writes the view of `key`, already encoded as JSON, and its partition index entry.
     pub fn put_encoded_view(&mut self, partition: i32, key: &str, json: Vec<u8>) {
         self.batch.insert(view_key(key), json);
-        self.batch.insert(index_key(partition, key), &[]);
+        self.viewed.push((partition, key.to_string()));
         self.views += 1;
     }
 
@@ -127,20 +126,8 @@ fn index_key(partition: i32, key: &str) -> Vec<u8> {
     format!("p/{partition:05}/{key}").into_bytes()
 }
 
-fn marker_key(partition: i32, message_id: &str) -> Vec<u8> {
-    format!("m/{partition:05}/{message_id}").into_bytes()
-}
-
 fn changelog_key(partition: i32) -> Vec<u8> {
     format!("c/{partition:05}").into_bytes()
-}
-
-fn sequence_prefix(partition: i32) -> String {
-    format!("s/{partition:05}/")
-}
-
-fn sequence_key(partition: i32, seq: u64) -> Vec<u8> {
-    format!("s/{partition:05}/{seq:020}").into_bytes()
 }
 
 impl Store {
@@ -155,7 +142,8 @@ impl Store {
     }
 
     /// Opens (or creates) the store at `path`, caching at most `cache_bytes` of pages in memory
-    /// and keeping the latest `window` message-id markers of each partition.
+    /// and keeping the latest `window` message-id markers of each partition (read into memory
+    /// here).
     pub fn open_with(path: &Path, cache_bytes: u64, window: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
@@ -168,12 +156,13 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let markers = load_markers(&db, window)?;
         Ok(Store {
             db,
             path: path.to_path_buf(),
             faults: FaultInjector::default(),
-            window: window.max(1),
-            sequences: Arc::new(Mutex::new(HashMap::new())),
+            markers: Arc::new(Mutex::new(markers)),
+            writing: Arc::new(Mutex::new(())),
         })
     }
 
@@ -204,9 +193,7 @@ impl Store {
 
     /// Whether `message_id` of `partition` has been applied.
     pub fn has_marker(&self, partition: i32, message_id: &str) -> Result<bool, StoreError> {
-        self.db
-            .contains_key(marker_key(partition, message_id))
-            .map_err(StoreError::Read)
+        Ok(lock(&self.markers).contains(partition, message_id))
     }
 
     /// Applies `batch` atomically, with the expiry of the markers it pushes out of the window;
@@ -216,75 +203,28 @@ impl Store {
             return Err(StoreError::Write("injected fault".into()));
         }
         let WriteBatch {
-            mut batch, marked, ..
+            mut batch,
+            marked,
+            viewed,
+            ..
         } = batch;
-        let mut sequences = self.sequences.lock().unwrap_or_else(|p| p.into_inner());
-        // Worked on a copy: a failed write must leave the sequences as they were.
-        let mut changed: HashMap<i32, MarkerSequence> = HashMap::new();
-        let mut added: HashMap<(i32, u64), &str> = HashMap::new();
-        for (partition, id) in &marked {
-            let seq = match changed.get(partition).or_else(|| sequences.get(partition)) {
-                Some(s) => *s,
-                None => self.read_sequence(*partition)?,
-            };
-            let seq = changed.entry(*partition).or_insert(seq);
-            batch.insert(sequence_key(*partition, seq.next), id.as_bytes());
-            added.insert((*partition, seq.next), id);
-            seq.next += 1;
-        }
-        let mut expired = 0;
-        for (partition, seq) in &mut changed {
-            while seq.next - seq.oldest > self.window {
-                let key = sequence_key(*partition, seq.oldest);
-                let id = match added.get(&(*partition, seq.oldest)) {
-                    Some(id) => Some(id.as_bytes().to_vec()),
-                    None => self
-                        .db
-                        .get(&key)
-                        .map_err(StoreError::Read)?
-                        .map(|v| v.to_vec()),
-                };
-                if let Some(id) = id {
-                    batch.remove(marker_key(*partition, &String::from_utf8_lossy(&id)));
-                    expired += 1;
-                }
-                batch.remove(key);
-                seq.oldest += 1;
+        let _writing = lock(&self.writing);
+        let plan = lock(&self.markers).plan(&marked, &mut batch);
+        for (partition, key) in &viewed {
+            if !self
+                .db
+                .contains_key(view_key(key))
+                .map_err(StoreError::Read)?
+            {
+                batch.insert(index_key(*partition, key), &[]);
             }
         }
         self.db
             .apply_batch(batch)
             .map_err(|e| StoreError::Write(e.to_string()))?;
-        sequences.extend(changed);
+        let expired = plan.expired;
+        lock(&self.markers).commit(plan);
         Ok(expired)
-    }
-
-    /// A partition's marker list as stored: its first and one past its last sequence number.
-    fn read_sequence(&self, partition: i32) -> Result<MarkerSequence, StoreError> {
-        let prefix = sequence_prefix(partition);
-        let seq_of = |k: sled::IVec| {
-            std::str::from_utf8(&k[prefix.len()..])
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let mut keys = self.db.scan_prefix(prefix.as_bytes()).keys();
-        let first = keys.next().transpose().map_err(StoreError::Read)?;
-        let last = keys.next_back().transpose().map_err(StoreError::Read)?;
-        Ok(match (first, last) {
-            (None, _) => MarkerSequence::default(),
-            (Some(f), None) => {
-                let f = seq_of(f);
-                MarkerSequence {
-                    oldest: f,
-                    next: f + 1,
-                }
-            }
-            (Some(f), Some(l)) => MarkerSequence {
-                oldest: seq_of(f),
-                next: seq_of(l) + 1,
-            },
-        })
     }
 
     /// The changelog offset of `partition` to read from next: records below it are in the store.
@@ -300,12 +240,7 @@ impl Store {
 
     /// Markers kept for `partition`.
     pub fn marker_count(&self, partition: i32) -> Result<u64, StoreError> {
-        Ok(self
-            .db
-            .scan_prefix(format!("m/{partition:05}/").as_bytes())
-            .keys()
-            .filter(Result::is_ok)
-            .count() as u64)
+        Ok(lock(&self.markers).len(partition) as u64)
     }
 
     /// Makes every write so far durable.
@@ -346,6 +281,35 @@ impl Store {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads every stored marker batch into a new index, and removes the batches that fall out of
+/// `window` (it may be smaller than when they were written).
+fn load_markers(db: &sled::Db, window: u64) -> Result<MarkerIndex, StoreError> {
+    let mut index = MarkerIndex::new(window);
+    for entry in db.scan_prefix(marker_index::batch_prefix()) {
+        let (key, value) = entry.map_err(StoreError::Read)?;
+        let corrupt = || StoreError::CorruptMarkers {
+            key: String::from_utf8_lossy(&key).into_owned(),
+        };
+        let (partition, seq) = marker_index::parse_batch_key(&key).ok_or_else(corrupt)?;
+        let ids = marker_index::decode_ids(&value).ok_or_else(corrupt)?;
+        index.load_batch(partition, seq, &ids);
+    }
+    let dead = index.trim();
+    if !dead.is_empty() {
+        let mut batch = sled::Batch::default();
+        for key in dead {
+            batch.remove(key);
+        }
+        db.apply_batch(batch)
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+    }
+    Ok(index)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,7 +321,7 @@ mod tests {
         let mut agg = Aggregate::new("C1", 3);
         agg.events_applied = 2;
         let mut batch = WriteBatch::default();
-        batch.add_marker(3, "m1", 10);
+        batch.add_marker(3, "m1");
         batch.put_view(&agg).unwrap();
         assert!(!store.has_marker(3, "m1").unwrap());
         store.write(batch).unwrap();
@@ -378,7 +342,7 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             let mut batch = WriteBatch::default();
-            batch.add_marker(0, "m", 1);
+            batch.add_marker(0, "m");
             store.write(batch).unwrap();
             futures_lite_block_on(store.flush()).unwrap();
         }
@@ -393,7 +357,7 @@ mod tests {
         let mark = |store: &Store, ids: std::ops::Range<u32>| {
             let mut batch = WriteBatch::default();
             for i in ids {
-                batch.add_marker(1, &format!("id{i}"), 0);
+                batch.add_marker(1, &format!("id{i}"));
             }
             store.write(batch).unwrap()
         };
@@ -404,7 +368,7 @@ mod tests {
             assert_eq!(mark(&store, 2..7), 4);
             mark(&store, 0..0);
             let mut other = WriteBatch::default();
-            other.add_marker(2, "id0", 0);
+            other.add_marker(2, "id0");
             store.write(other).unwrap();
             futures_lite_block_on(store.flush()).unwrap();
         }
@@ -421,6 +385,38 @@ mod tests {
         assert_eq!(mark(&store, 7..9), 2);
         assert_eq!(store.marker_count(1).unwrap(), 3);
         assert!(store.has_marker(1, "id8").unwrap() && !store.has_marker(1, "id5").unwrap());
+    }
+
+    #[test]
+    fn a_marker_batch_that_does_not_decode_refuses_the_store_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let db = sled::open(&path).unwrap();
+            db.insert(marker_index::batch_key(2, 5), &[0, 0, 0, 9, b'x'])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(&path).err().expect("a cut batch is refused");
+        assert_eq!(
+            err.to_string(),
+            "stored marker batch \"d/00002/00000000000000000005\" does not decode"
+        );
+    }
+
+    #[test]
+    fn a_view_written_again_keeps_one_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        for n in 1..=2 {
+            let mut agg = Aggregate::new("C1", 3);
+            agg.events_applied = n;
+            let mut batch = WriteBatch::default();
+            batch.put_view(&agg).unwrap();
+            store.write(batch).unwrap();
+        }
+        assert_eq!(store.entities_of_partition(3).unwrap(), ["C1"]);
+        assert_eq!(store.load("C1").unwrap().unwrap().events_applied, 2);
     }
 
     fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
