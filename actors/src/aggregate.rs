@@ -99,33 +99,48 @@ impl Aggregate {
             self.sources.remove(&source.name);
         } else if let Body::Envelope(envelope) = &event.body {
             let payload = envelope.get("payload").cloned().unwrap_or(Value::Null);
-            let state = match self.sources.remove(&source.name) {
-                Some(prev) => merge(prev.state, payload),
-                None => payload,
-            };
-            self.sources.insert(
-                source.name.clone(),
-                SourceSection {
-                    code: event.code.clone(),
-                    message_id: event.message_id.clone(),
-                    partition: event.origin.tp.partition,
-                    offset: event.origin.offset,
-                    timestamp_ms: event.timestamp_ms,
-                    state,
-                },
-            );
+            // Updated in place: a view is folded once per event, so keys are not cloned anew.
+            match self.sources.get_mut(&source.name) {
+                Some(section) => {
+                    let prev = std::mem::take(&mut section.state);
+                    section.state = merge(prev, payload);
+                    section.code.clone_from(&event.code);
+                    section.message_id.clone_from(&event.message_id);
+                    section.partition = event.origin.tp.partition;
+                    section.offset = event.origin.offset;
+                    section.timestamp_ms = event.timestamp_ms;
+                }
+                None => {
+                    self.sources.insert(
+                        source.name.clone(),
+                        SourceSection {
+                            code: event.code.clone(),
+                            message_id: event.message_id.clone(),
+                            partition: event.origin.tp.partition,
+                            offset: event.origin.offset,
+                            timestamp_ms: event.timestamp_ms,
+                            state: payload,
+                        },
+                    );
+                }
+            }
         }
         for (rule, input) in inputs {
             self.fold_rule(rule, input);
         }
-        *self.counters.entry(event.code.clone()).or_default() += 1;
+        match self.counters.get_mut(&event.code) {
+            Some(count) => *count += 1,
+            None => {
+                self.counters.insert(event.code.clone(), 1);
+            }
+        }
         self.events_applied += 1;
         self.updated_at_ms = self.updated_at_ms.max(event.timestamp_ms);
         Ok(())
     }
 
     fn fold_rule(&mut self, rule: &RuleConfig, input: Input<'_>) {
-        let current = self.figures.remove(&rule.name);
+        let current = self.figures.get_mut(&rule.name).map(std::mem::take);
         let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_f64);
         let next = match (rule.kind, input) {
             (RuleKind::Count, _) => number_value(number(&current).unwrap_or(0.0) + rule.factor),
@@ -168,7 +183,12 @@ impl Aggregate {
             // read_inputs gives every kind the input it needs.
             (_, _) => current.unwrap_or(Value::Null),
         };
-        self.figures.insert(rule.name.clone(), next);
+        match self.figures.get_mut(&rule.name) {
+            Some(slot) => *slot = next,
+            None => {
+                self.figures.insert(rule.name.clone(), next);
+            }
+        }
     }
 }
 
