@@ -295,7 +295,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     }
     let restart_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     running.shutdown().await?;
-    let store = aggregator_actors::Store::open(&config.store.path)?;
+    let store = config.store.open()?;
     let entities = store.entity_count()? as u64;
     let mut markers_kept = 0;
     for p in 0..options.partitions {

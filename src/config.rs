@@ -165,6 +165,18 @@ impl Default for StoreConfig {
     }
 }
 
+impl StoreConfig {
+    /// Opens the configured store: its path, page cache and dedup window (the markers kept, and
+    /// so counted, depend on the window it is opened with).
+    pub fn open(&self) -> Result<aggregator_actors::Store, aggregator_actors::StoreError> {
+        aggregator_actors::Store::open_with(
+            &self.path,
+            self.cache_mib * 1024 * 1024,
+            self.dedup_window,
+        )
+    }
+}
+
 /// `[changelog]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

@@ -14,7 +14,7 @@ use aggregator_actors::metrics::Metrics;
 use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::Topology;
-use aggregator_actors::{RulesError, Store, StoreError};
+use aggregator_actors::{RulesError, StoreError};
 
 use crate::changelog_producer::{ChangelogSetupError, KafkaChangelog};
 use crate::changelog_restorer::ChangelogRestorer;
@@ -82,11 +82,7 @@ pub async fn start_with(
     dead_letters: Arc<dyn DeadLetterSink>,
 ) -> Result<RunningService, StartError> {
     let rules = Arc::new(config.rules()?);
-    let store = Store::open_with(
-        &config.store.path,
-        config.store.cache_mib * 1024 * 1024,
-        config.store.dedup_window,
-    )?;
+    let store = config.store.open()?;
     let store_faults = store.fault_injector();
     let rule_faults = FaultInjector::default();
     let topology = Arc::new(Topology::default());

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use aggregator::generator::{Generator, GeneratorConfig};
 use aggregator::service;
-use aggregator_actors::Store;
 use common::*;
 
 /// Message ids remembered per partition in this suite, well below the ids each receives.
@@ -47,7 +46,7 @@ async fn markers_stay_within_the_window_and_views_stay_exact() {
     let expired = running.topology.snapshot(0).dedup.markers_expired;
     running.shutdown().await.unwrap();
 
-    let store = Store::open(&config.store.path).unwrap();
+    let store = config.store.open().unwrap();
     let kept: u64 = (0..PARTITIONS)
         .map(|p| {
             let n = store.marker_count(p).unwrap();

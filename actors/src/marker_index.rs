@@ -2,7 +2,9 @@
 //! the order they were written. The store keeps a partition's markers as one sled entry per write
 //! (a marker batch, under a sequential key) instead of one entry per id, so that a write costs one
 //! insert per partition, a lookup never touches the disk, and expiry removes whole batches once
-//! every id in them has left the window.
+//! every id in them has left the window. A batch partly out of the window stays whole on disk
+//! until then: a store reopened with the same window trims to it exactly, one reopened with a
+//! larger window remembers those few ids again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
