@@ -80,6 +80,20 @@ impl PartitionMarkers {
         }
         (whole, 0)
     }
+
+    /// Expires the oldest `n` ids; yields the sequence numbers of the batches left empty.
+    fn expire_front(&mut self, n: usize) -> impl Iterator<Item = u64> + '_ {
+        let (whole, partial) = self.expiry(n);
+        for _ in 0..n {
+            if let Some(h) = self.order.pop_front() {
+                self.live.remove(&h);
+            }
+        }
+        if let Some((_, live)) = self.batches.get_mut(whole) {
+            *live -= partial;
+        }
+        self.batches.drain(..whole).map(|(seq, _)| seq)
+    }
 }
 
 /// What a write does to one partition's window.
@@ -111,9 +125,7 @@ impl MarkerIndex {
     /// An empty index keeping `window` ids per partition.
     pub(crate) fn new(window: u64) -> Self {
         MarkerIndex {
-            seed: std::collections::hash_map::RandomState::new()
-                .hash_one(0u8)
-                .wrapping_add(1),
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
             window: usize::try_from(window.max(1)).unwrap_or(usize::MAX),
             partitions: HashMap::new(),
         }
@@ -158,27 +170,10 @@ impl MarkerIndex {
         let mut dead = Vec::new();
         for (partition, p) in &mut self.partitions {
             let excess = p.order.len().saturating_sub(window);
-            Self::expire_front(*partition, p, excess, &mut dead);
+            let emptied = p.expire_front(excess);
+            dead.extend(emptied.map(|seq| batch_key(*partition, seq)));
         }
         dead
-    }
-
-    /// Expires the oldest `n` ids of `p`, collecting the keys of the batches emptied.
-    fn expire_front(partition: i32, p: &mut PartitionMarkers, n: usize, dead: &mut Vec<Vec<u8>>) {
-        let (whole, partial) = p.expiry(n);
-        for _ in 0..n {
-            if let Some(h) = p.order.pop_front() {
-                p.live.remove(&h);
-            }
-        }
-        for _ in 0..whole {
-            if let Some((seq, _)) = p.batches.pop_front() {
-                dead.push(batch_key(partition, seq));
-            }
-        }
-        if let Some((_, live)) = p.batches.front_mut() {
-            *live -= partial;
-        }
     }
 
     /// Adds to `batch` the marker batches of `marked` (new ids, by partition, in order) and the
@@ -231,7 +226,6 @@ impl MarkerIndex {
 
     /// Applies a plan whose batch the store has written.
     pub(crate) fn commit(&mut self, plan: MarkerPlan) {
-        let mut removed = Vec::new();
         for PartitionPlan {
             partition,
             added,
@@ -239,7 +233,8 @@ impl MarkerIndex {
         } in plan.partitions
         {
             let p = self.partitions.entry(partition).or_default();
-            Self::expire_front(partition, p, expire, &mut removed);
+            // The plan's batch already removed the emptied batches from the store.
+            p.expire_front(expire).for_each(drop);
             if !added.is_empty() {
                 p.batches.push_back((p.next_batch, added.len()));
                 p.next_batch += 1;
