@@ -54,8 +54,10 @@ pub struct AggregatorContext {
     pipeline: Arc<Pipeline>,
     assigned: Mutex<HashMap<TopicPartition, Assigned>>,
     drain_timeout: Duration,
-    /// Replays the changelog into the store on assignment, when state follows partitions.
-    restorer: Option<(ChangelogRestorer, Store)>,
+    /// Replays the changelog into the store on assignment, when state follows partitions; let go
+    /// when polling ends, so that the store closes with the service although librdkafka may keep
+    /// this context alive a while longer.
+    restorer: Mutex<Option<(ChangelogRestorer, Store)>>,
 }
 
 impl AggregatorContext {
@@ -206,7 +208,8 @@ impl AggregatorContext {
     /// Brings the store's state of newly assigned partitions up to date from the changelog, and
     /// has the live actors of entities it changed reload their views.
     fn restore(&self, tpl: &TopicPartitionList) {
-        let Some((restorer, store)) = &self.restorer else {
+        let restorer = self.restorer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((restorer, store)) = restorer.as_ref() else {
             return;
         };
         let partitions: Vec<i32> = {
@@ -402,7 +405,7 @@ impl ConsumerThread {
             pipeline: pipeline.clone(),
             assigned: Mutex::new(HashMap::new()),
             drain_timeout: Config::ms(config.tuning.drain_timeout_ms),
-            restorer,
+            restorer: Mutex::new(restorer),
         };
         let session_timeout = config.kafka.session_timeout_ms.to_string();
         let client = config.kafka.client(&[
@@ -525,6 +528,12 @@ impl PollLoop {
         self.consumer.unsubscribe();
         // Serve the (now empty) revoke callback so the group sees this member leave promptly.
         while self.consumer.poll(Duration::from_millis(10)).is_some() {}
+        // The offset sink keeps the consumer, and so this context, until the committer stops.
+        context
+            .restorer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// Commits what the committer found committable, for partitions still assigned.
