@@ -86,20 +86,26 @@ impl Aggregate {
         }
     }
 
-    /// Applies `event`: all of its effect, or none of it and an error.
-    pub fn apply(&mut self, rules: &Rules, event: &Event) -> Result<(), FoldError> {
+    /// Applies `event`: all of its effect, or none of it and an error. The envelope's payload
+    /// moves into the view (a view is folded once per event, so it is not copied); on error the
+    /// event is left as it was.
+    pub fn apply(&mut self, rules: &Rules, event: &mut Event) -> Result<(), FoldError> {
         let source = rules.source(event.source);
-        let inputs = match &event.body {
-            Body::Tombstone => Vec::new(),
-            Body::Envelope(envelope) => read_inputs(rules, event, envelope)?,
-        };
-
         let deletes = event.body == Body::Tombstone || source.delete_codes.contains(&event.code);
+        if let Body::Envelope(envelope) = &event.body {
+            // Every input is read before anything changes, so that a failure has no effect.
+            for (rule, input) in read_inputs(rules, event, envelope)? {
+                self.fold_rule(rule, input);
+            }
+        }
         if deletes {
             self.sources.remove(&source.name);
-        } else if let Body::Envelope(envelope) = &event.body {
-            let payload = envelope.get("payload").cloned().unwrap_or(Value::Null);
-            // Updated in place: a view is folded once per event, so keys are not cloned anew.
+        } else if let Body::Envelope(envelope) = &mut event.body {
+            let payload = envelope
+                .get_mut("payload")
+                .map(Value::take)
+                .unwrap_or(Value::Null);
+            // Updated in place: keys are not cloned anew.
             match self.sources.get_mut(&source.name) {
                 Some(section) => {
                     let prev = std::mem::take(&mut section.state);
@@ -124,9 +130,6 @@ impl Aggregate {
                     );
                 }
             }
-        }
-        for (rule, input) in inputs {
-            self.fold_rule(rule, input);
         }
         match self.counters.get_mut(&event.code) {
             Some(count) => *count += 1,
@@ -374,17 +377,20 @@ mod tests {
         let r = rules();
         let mut agg = Aggregate::new("C1", 0);
         for (i, amount) in [10.0, 2.5, 30.0].into_iter().enumerate() {
-            let e = event(
+            let mut e = event(
                 &r,
                 "orders",
                 i as i64,
                 "CREATED",
                 json!({"id": i, "amount": amount}),
             );
-            agg.apply(&r, &e).unwrap();
+            agg.apply(&r, &mut e).unwrap();
         }
-        agg.apply(&r, &event(&r, "orders", 3, "CANCELLED", json!({"id": 3})))
-            .unwrap();
+        agg.apply(
+            &r,
+            &mut event(&r, "orders", 3, "CANCELLED", json!({"id": 3})),
+        )
+        .unwrap();
         assert_eq!(agg.figures["orders"], json!(3));
         assert_eq!(agg.figures["total"], json!(42.5));
         assert_eq!(agg.figures["smallest"], json!(2.5));
@@ -402,8 +408,11 @@ mod tests {
         let r = rules();
         let mut agg = Aggregate::new("C1", 0);
         for i in 0..5 {
-            agg.apply(&r, &event(&r, "orders", i, "CANCELLED", json!({"id": i})))
-                .unwrap();
+            agg.apply(
+                &r,
+                &mut event(&r, "orders", i, "CANCELLED", json!({"id": i})),
+            )
+            .unwrap();
         }
         assert_eq!(agg.figures["last_order"], json!(4));
         assert_eq!(agg.figures["recent"], json!([2, 3, 4]));
@@ -415,7 +424,7 @@ mod tests {
         let mut agg = Aggregate::new("C1", 0);
         agg.apply(
             &r,
-            &event(
+            &mut event(
                 &r,
                 "loyalty",
                 0,
@@ -426,7 +435,7 @@ mod tests {
         .unwrap();
         agg.apply(
             &r,
-            &event(&r, "loyalty", 1, "REDEEMED", json!({"points": 30})),
+            &mut event(&r, "loyalty", 1, "REDEEMED", json!({"points": 30})),
         )
         .unwrap();
         assert_eq!(agg.figures["points"], json!(70));
@@ -441,17 +450,20 @@ mod tests {
         let mut agg = Aggregate::new("C1", 0);
         agg.apply(
             &r,
-            &event(&r, "customer", 0, "REGISTERED", json!({"name": "A"})),
+            &mut event(&r, "customer", 0, "REGISTERED", json!({"name": "A"})),
         )
         .unwrap();
-        agg.apply(&r, &event(&r, "customer", 1, "DELETED", json!({})))
+        agg.apply(&r, &mut event(&r, "customer", 1, "DELETED", json!({})))
             .unwrap();
         assert!(!agg.sources.contains_key("customer"));
-        agg.apply(&r, &event(&r, "orders", 2, "CANCELLED", json!({"id": 1})))
-            .unwrap();
+        agg.apply(
+            &r,
+            &mut event(&r, "orders", 2, "CANCELLED", json!({"id": 1})),
+        )
+        .unwrap();
         let mut tomb = event(&r, "orders", 3, "TOMBSTONE", json!({}));
         tomb.body = Body::Tombstone;
-        agg.apply(&r, &tomb).unwrap();
+        agg.apply(&r, &mut tomb).unwrap();
         assert!(agg.sources.is_empty());
         assert_eq!(agg.counters["TOMBSTONE"], 1);
     }
@@ -462,28 +474,29 @@ mod tests {
         let mut agg = Aggregate::new("C1", 0);
         agg.apply(
             &r,
-            &event(&r, "orders", 0, "CREATED", json!({"id": 0, "amount": 1})),
+            &mut event(&r, "orders", 0, "CREATED", json!({"id": 0, "amount": 1})),
         )
         .unwrap();
         let before = agg.clone();
-        let err = agg
-            .apply(
-                &r,
-                &event(
-                    &r,
-                    "orders",
-                    1,
-                    "CREATED",
-                    json!({"id": 1, "amount": "ten"}),
-                ),
-            )
-            .unwrap_err();
+        let mut bad = event(
+            &r,
+            "orders",
+            1,
+            "CREATED",
+            json!({"id": 1, "amount": "ten"}),
+        );
+        let sent = bad.clone();
+        let err = agg.apply(&r, &mut bad).unwrap_err();
+        assert_eq!(
+            bad, sent,
+            "a failed fold leaves the event whole, for its retry"
+        );
         assert_eq!(
             err.to_string(),
             "rule \"total\" needs a number at /payload/amount, found a string"
         );
         let err = agg
-            .apply(&r, &event(&r, "orders", 2, "CREATED", json!({"id": 2})))
+            .apply(&r, &mut event(&r, "orders", 2, "CREATED", json!({"id": 2})))
             .unwrap_err();
         assert!(matches!(err, FoldError::MissingField { .. }));
         assert_eq!(agg, before);
@@ -506,7 +519,7 @@ mod tests {
         let fold = || {
             let mut agg = Aggregate::new("C1", 0);
             for e in &events {
-                agg.apply(&r, e).unwrap();
+                agg.apply(&r, &mut e.clone()).unwrap();
             }
             serde_json::to_vec(&agg).unwrap()
         };
@@ -539,7 +552,7 @@ mod tests {
             }).collect();
             let mut sequential = Aggregate::new("C1", 0);
             for e in &built {
-                let _ = sequential.apply(&r, e);
+                let _ = sequential.apply(&r, &mut e.clone());
             }
             // Interleave: per-source queues in order, drained in an order the picks choose.
             let mut queues: Vec<std::collections::VecDeque<&Event>> = vec![Default::default(); 3];
@@ -554,7 +567,7 @@ mod tests {
                     s = (s + 1) % 3;
                 }
                 let e = queues[s].pop_front().unwrap();
-                let _ = interleaved.apply(&r, e);
+                let _ = interleaved.apply(&r, &mut e.clone());
             }
             prop_assert_eq!(sequential, interleaved);
         }
