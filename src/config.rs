@@ -40,6 +40,8 @@ pub mod defaults {
     pub const MAX_IN_FLIGHT_PER_PARTITION: usize = 2_000;
     /// Idle time after which an entity actor passivates.
     pub const ENTITY_IDLE_MS: u64 = 30_000;
+    /// Live entity actors beyond which the least recently used idle ones passivate.
+    pub const MAX_LIVE_ENTITIES: usize = 50_000;
     /// Largest record value accepted.
     pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
     /// Longest entity key accepted.
@@ -230,6 +232,9 @@ pub struct TuningConfig {
     pub max_in_flight_per_partition: usize,
     /// Milliseconds without events after which an entity actor passivates (its view stays stored).
     pub entity_idle_ms: u64,
+    /// Most live entity actors: beyond it, the idle ones that were sent an event least recently
+    /// passivate first, which bounds the memory that views take whatever the number of entities.
+    pub max_live_entities: usize,
     /// Largest record value accepted; larger records are dead-lettered.
     pub max_value_bytes: usize,
     /// Longest entity key accepted, in bytes.
@@ -252,6 +257,7 @@ impl Default for TuningConfig {
             commit_interval_ms: defaults::COMMIT_INTERVAL_MS,
             max_in_flight_per_partition: defaults::MAX_IN_FLIGHT_PER_PARTITION,
             entity_idle_ms: defaults::ENTITY_IDLE_MS,
+            max_live_entities: defaults::MAX_LIVE_ENTITIES,
             max_value_bytes: defaults::MAX_VALUE_BYTES,
             max_key_bytes: defaults::MAX_KEY_BYTES,
             poll_batch: defaults::POLL_BATCH,
@@ -403,6 +409,10 @@ impl Config {
             ("tuning.max_value_bytes", self.tuning.max_value_bytes as u64),
             ("tuning.max_key_bytes", self.tuning.max_key_bytes as u64),
             ("tuning.poll_batch", self.tuning.poll_batch as u64),
+            (
+                "tuning.max_live_entities",
+                self.tuning.max_live_entities as u64,
+            ),
             (
                 "changelog.restore_timeout_ms",
                 self.changelog.restore_timeout_ms,

@@ -123,6 +123,7 @@ pub async fn start_with(
             metrics.clone(),
         ),
         entity_idle: Config::ms(config.tuning.entity_idle_ms),
+        max_live_entities: config.tuning.max_live_entities,
         rule_retries: config.tuning.rule_retries,
         rule_retry_backoff: Config::ms(config.tuning.rule_retry_backoff_ms),
         rule_faults: rule_faults.clone(),

@@ -109,20 +109,26 @@ impl EntityActor {
     }
 
     fn applied(&mut self, apply: Apply, seen: bool, ctx: &mut Context<Self>) {
-        self.mailbox.fetch_sub(1, Ordering::Relaxed);
         self.last_active = Instant::now();
         if seen {
             let source = apply.event.source;
             self.pipeline.metrics.source(source).duplicates.inc();
+            self.finished();
             return;
         }
         self.fold(apply, 0, ctx);
     }
 
+    /// An event's work is done (staged, dropped or dead-lettered): only then may the actor be
+    /// passivated for being idle, its view holding every effect.
+    fn finished(&self) {
+        self.mailbox.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Folds the event into the view and stages it; a failing rule is retried with backoff, the
     /// actor taking no other message meanwhile, until the retry budget is spent and the record
     /// is dead-lettered with the reason. The view is untouched by a failed fold.
-    fn fold(&mut self, apply: Apply, retries: u32, ctx: &mut Context<Self>) {
+    fn fold(&mut self, mut apply: Apply, retries: u32, ctx: &mut Context<Self>) {
         let p = self.pipeline.clone();
         let view = self
             .view
@@ -133,7 +139,7 @@ impl EntityActor {
         } else {
             view.lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .apply(&p.rules, &apply.event)
+                .apply(&p.rules, &mut apply.event)
                 .map_err(|e| e.to_string())
         };
         let Apply { event, record } = apply;
@@ -147,6 +153,7 @@ impl EntityActor {
                     origin: event.origin,
                     incarnation: self.incarnation,
                 });
+                self.finished();
             }
             Err(e) if retries < p.rule_retries => {
                 p.metrics.fault("rule");
@@ -168,6 +175,7 @@ impl EntityActor {
                     source,
                     &Rejection::RuleFailed(format!("{e} (after {attempts} attempts)")),
                 );
+                self.finished();
             }
         }
     }
@@ -236,11 +244,16 @@ impl Actor for EntityActor {
             // Events in the mailbox are gone with it: every supervisor hands its unfinished
             // records of this key, in offset order, to the next actor of the key.
             p.metrics.entity_deaths.inc();
+            p.topology
+                .entities
+                .record_death(&self.key, self.incarnation);
             for s in p.topology.supervisors.iter() {
                 s.value().do_send(ReplayEntity {
                     key: self.key.clone(),
                 });
             }
+        } else {
+            p.metrics.entity_passivations.inc();
         }
     }
 }

@@ -9,15 +9,18 @@ use dashmap::DashMap;
 
 use crate::entity_actor::{EntityActor, Passivate};
 
-/// A live entity actor and its mailbox depth (events sent and not yet applied).
+/// A live entity actor and its mailbox depth (events sent and not yet fully applied).
 #[derive(Clone)]
 pub struct EntityHandle {
     /// The actor's address.
     pub addr: Addr<EntityActor>,
-    /// Events waiting in its mailbox.
+    /// Events sent to it whose fold has not finished (applied and staged, dropped as a
+    /// duplicate, or dead-lettered).
     pub mailbox: Arc<AtomicUsize>,
     /// Distinguishes this actor from earlier ones of the same key.
     pub incarnation: u64,
+    /// When it was last sent an event, on the registry's clock.
+    pub last_sent: Arc<AtomicU64>,
 }
 
 /// Entity actors by key.
@@ -25,6 +28,13 @@ pub struct EntityHandle {
 pub struct EntityRegistry {
     actors: DashMap<String, EntityHandle>,
     incarnations: AtomicU64,
+    /// Counts events sent, to order actors by their last one.
+    clock: AtomicU64,
+    /// Live actors at which the bound is next enforced.
+    next_scan: AtomicUsize,
+    /// Per key, the last actor that stopped with work possibly lost: the supervisors replay their
+    /// unfinished records of the key to the next actor only if it follows that one.
+    died: DashMap<String, u64>,
 }
 
 impl EntityRegistry {
@@ -59,6 +69,61 @@ impl EntityRegistry {
         if let Some((_, h)) = self.actors.remove(key) {
             h.addr.do_send(Passivate);
         }
+    }
+
+    /// Counts an event sent to `handle`, for the least-recently-used order.
+    pub fn touch(&self, handle: &EntityHandle) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        handle.last_sent.store(now, Ordering::Relaxed);
+    }
+
+    /// Keeps the live actors near `bound` before one more starts: at the bound, passivates idle
+    /// ones down to a tenth below it. Busy actors stay, so the scan is not repeated until a tenth
+    /// of the bound more have started, whatever it freed: its cost per start stays constant.
+    pub fn enforce_bound(&self, bound: usize) {
+        let live = self.actors.len();
+        if live < bound.max(self.next_scan.load(Ordering::Relaxed)) {
+            return;
+        }
+        let slack = (bound / 10).max(1);
+        self.shrink_to(bound.saturating_sub(slack));
+        self.next_scan
+            .store(self.actors.len() + slack, Ordering::Relaxed);
+    }
+
+    /// Passivates idle actors (nothing unfinished in their mailboxes), those sent an event least
+    /// recently first, until at most `keep` are live or none is idle; returns how many. Their
+    /// views are staged or stored, so the next actor of a key loads them whole.
+    pub fn shrink_to(&self, keep: usize) -> usize {
+        let excess = self.actors.len().saturating_sub(keep);
+        if excess == 0 {
+            return 0;
+        }
+        let mut idle: Vec<(u64, String)> = self
+            .actors
+            .iter()
+            .filter(|h| h.mailbox.load(Ordering::Relaxed) == 0)
+            .map(|h| (h.last_sent.load(Ordering::Relaxed), h.key().clone()))
+            .collect();
+        let n = excess.min(idle.len());
+        if n < idle.len() {
+            idle.select_nth_unstable(n);
+            idle.truncate(n);
+        }
+        for (_, key) in &idle {
+            self.passivate(key);
+        }
+        n
+    }
+
+    /// Records that `incarnation` of `key` stopped with work possibly lost.
+    pub fn record_death(&self, key: &str, incarnation: u64) {
+        self.died.insert(key.to_string(), incarnation);
+    }
+
+    /// Whether `incarnation` of `key` stopped with work possibly lost.
+    pub fn died(&self, key: &str, incarnation: u64) -> bool {
+        self.died.get(key).is_some_and(|i| *i == incarnation)
     }
 
     /// Registers the actor of `key`.

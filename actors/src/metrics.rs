@@ -34,6 +34,8 @@ pub struct Metrics {
     pub replayed: IntCounter,
     /// Entity actors that stopped with work pending (killed or panicked).
     pub entity_deaths: IntCounter,
+    /// Entity actors that passivated with all their work done (idle, or beyond the live bound).
+    pub entity_passivations: IntCounter,
     /// Partition supervisors restarted after they died.
     pub supervisor_restarts: IntCounter,
     /// The dedup actor and the offset committer restarted after they died, by actor.
@@ -131,6 +133,10 @@ impl Metrics {
             "entity_deaths_total",
             "Entity actors that stopped with work pending.",
         );
+        let entity_passivations = counter(
+            "entity_passivations_total",
+            "Entity actors that passivated with all their work done (idle, or beyond the live bound).",
+        );
         let histogram = |name: &str, help: &str| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(vec![
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -159,6 +165,7 @@ impl Metrics {
             entity_actors,
             replayed,
             entity_deaths,
+            entity_passivations,
             supervisor_restarts,
             restarts,
             partitions_revoked,

@@ -126,6 +126,8 @@ impl PartitionSupervisor {
         match registry.get(key) {
             Some(h) if h.addr.connected() => h,
             _ => {
+                // Before the new actor is registered, which has been sent nothing yet.
+                registry.enforce_bound(p.max_live_entities);
                 let mailbox = Arc::new(AtomicUsize::new(0));
                 let incarnation = registry.next_incarnation();
                 let actor = EntityActor::new(
@@ -139,6 +141,7 @@ impl PartitionSupervisor {
                     addr: actor.start(),
                     mailbox,
                     incarnation,
+                    last_sent: Arc::default(),
                 };
                 registry.insert(key.to_string(), handle.clone());
                 handle
@@ -146,18 +149,21 @@ impl PartitionSupervisor {
         }
     }
 
-    fn send(handle: &EntityHandle, event: Event, record: Arc<Record>) {
+    fn send(&self, handle: &EntityHandle, event: Event, record: Arc<Record>) {
+        self.pipeline.topology.entities.touch(handle);
         handle.mailbox.fetch_add(1, Ordering::Relaxed);
         handle.addr.do_send(Apply { event, record });
     }
 
     /// Makes sure the live actor of `key` has been sent every unfinished record of the key
-    /// before `before` (all of them when `None`), replaying them if it is a new actor.
+    /// before `before` (all of them when `None`), replaying them if it follows an actor that died
+    /// with work possibly lost (one that passivated had finished all of it).
     fn catch_up(&mut self, key: &str, before: Option<i64>) -> EntityHandle {
         let handle = self.entity(key);
         let current = self.unfinished.sent_to.get(key).copied();
         if current != Some(handle.incarnation) {
-            if current.is_some() {
+            let died = current.is_some_and(|i| self.pipeline.topology.entities.died(key, i));
+            if died {
                 let p = &self.pipeline;
                 for (offset, record) in self.unfinished.by_key.get(key).into_iter().flatten() {
                     if before.is_some_and(|b| *offset >= b) {
@@ -166,7 +172,7 @@ impl PartitionSupervisor {
                     // It parsed before, so it parses again the same way.
                     if let Ok(event) = parse(record, &p.rules, &p.limits) {
                         p.metrics.replayed.inc();
-                        Self::send(&handle, event, record.clone());
+                        self.send(&handle, event, record.clone());
                     }
                 }
             }
@@ -183,7 +189,7 @@ impl PartitionSupervisor {
         let offset = record.origin.offset;
         self.unfinished.push(&key, record.clone());
         let handle = self.catch_up(&key, Some(offset));
-        Self::send(&handle, event, record);
+        self.send(&handle, event, record);
     }
 }
 

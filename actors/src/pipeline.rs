@@ -33,6 +33,8 @@ pub struct Pipeline {
     pub dead_letters: DeadLetterer,
     /// How long an entity actor stays alive without events.
     pub entity_idle: Duration,
+    /// Live entity actors beyond which idle ones passivate, least recently used first.
+    pub max_live_entities: usize,
     /// Times a failing rule is retried before its record is dead-lettered.
     pub rule_retries: u32,
     /// Wait before the first retry of a failing rule; doubles with each retry.
