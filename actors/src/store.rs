@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::aggregate::Aggregate;
 use crate::fault_injector::FaultInjector;
@@ -67,6 +68,9 @@ pub struct Store {
     /// Held for a whole write, so that one write's plan is committed before the next is made.
     writing: Arc<Mutex<()>>,
 }
+
+/// Longest wait at open for a store that this process closed a moment ago to be let go.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Markers kept per partition by a store opened without a window.
 pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
@@ -145,6 +149,9 @@ impl Store {
     /// and keeping the latest `window` message-id markers of each partition (read into memory
     /// here).
     pub fn open_with(path: &Path, cache_bytes: u64, window: u64) -> Result<Self, StoreError> {
+        // A store closed a moment ago in this process may still be locked; one held elsewhere
+        // is still refused, after the wait.
+        Self::wait_released(path, LOCK_WAIT);
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -279,6 +286,40 @@ impl Store {
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+
+    /// Waits up to `timeout` until nobody holds the store at `path`; whether it is free (also
+    /// when there is no store yet). sled lets go of its lock on the directory only when its I/O
+    /// threads end, a moment after the last handle is dropped (sled issues #1234, #1289).
+    pub fn wait_released(path: &Path, timeout: Duration) -> bool {
+        let lock_file = path.join("db");
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&lock_file) else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        let mut logged = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    let _ = file.unlock();
+                    return true;
+                }
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    if !logged {
+                        tracing::info!(path = %lock_file.display(), "store locked, waiting");
+                        logged = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Handles to this store alive, this one included: the database closes (and its lock on the
+    /// directory is let go) when the last one is dropped.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.markers)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -313,6 +354,21 @@ fn load_markers(db: &sled::Db, window: u64) -> Result<MarkerIndex, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_is_locked_while_a_handle_lives_and_opens_again_once_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        assert!(Store::wait_released(&path, Duration::ZERO), "no store yet");
+        let store = Store::open(&path).unwrap();
+        let other = store.clone();
+        assert_eq!(store.handles(), 2);
+        drop(other);
+        assert!(!Store::wait_released(&path, Duration::from_millis(20)));
+        drop(store);
+        assert!(Store::wait_released(&path, LOCK_WAIT));
+        assert!(Store::open(&path).is_ok());
+    }
 
     #[test]
     fn batch_writes_marker_view_and_index_together() {
