@@ -132,13 +132,13 @@ impl Chaos {
     /// found a victim.
     pub fn strike(&mut self) -> bool {
         self.strikes += 1;
-        let target = if self.strikes % SINGLETON_EVERY == 0 {
+        let target = if self.strikes.is_multiple_of(SINGLETON_EVERY) {
             if (self.strikes / SINGLETON_EVERY) % 2 == 1 {
                 Target::Dedup
             } else {
                 Target::Committer
             }
-        } else if self.strikes % SUPERVISOR_EVERY == 0 {
+        } else if self.strikes.is_multiple_of(SUPERVISOR_EVERY) {
             Target::Supervisor
         } else {
             Target::Entity
