@@ -250,6 +250,11 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let broker = EmbeddedBroker::start(&config, options.partitions)?;
     config.kafka.brokers = broker.bootstrap_servers();
     let running = service::start(&config).await?;
+    // Events produced while the group is still forming would wait for it, and their latency
+    // would measure the join, not the pipeline.
+    while !running.topology.joined.load(Ordering::Relaxed) {
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
     let metrics = running.metrics.clone();
     let feeder = Feeder::start(
         &config.kafka.brokers,
