@@ -637,5 +637,6 @@ pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
         value: m.payload().map(<[u8]>::to_vec),
         headers,
         timestamp_ms: m.timestamp().to_millis(),
+        finished: Default::default(),
     }
 }

@@ -113,15 +113,17 @@ impl EntityActor {
         if seen {
             let source = apply.event.source;
             self.pipeline.metrics.source(source).duplicates.inc();
-            self.finished();
+            self.finished(&apply.record);
             return;
         }
         self.fold(apply, 0, ctx);
     }
 
-    /// An event's work is done (staged, dropped or dead-lettered): only then may the actor be
-    /// passivated for being idle, its view holding every effect.
-    fn finished(&self) {
+    /// An event's work is done (staged, dropped or dead-lettered): the record is not handed to
+    /// a later actor of the key, and only now may this one passivate, its view holding every
+    /// effect.
+    fn finished(&self, record: &Record) {
+        record.finished.set();
         self.mailbox.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -153,7 +155,7 @@ impl EntityActor {
                     origin: event.origin,
                     incarnation: self.incarnation,
                 });
-                self.finished();
+                self.finished(&record);
             }
             Err(e) if retries < p.rule_retries => {
                 p.metrics.fault("rule");
@@ -175,7 +177,7 @@ impl EntityActor {
                     source,
                     &Rejection::RuleFailed(format!("{e} (after {attempts} attempts)")),
                 );
-                self.finished();
+                self.finished(&record);
             }
         }
     }
@@ -244,9 +246,6 @@ impl Actor for EntityActor {
             // Events in the mailbox are gone with it: every supervisor hands its unfinished
             // records of this key, in offset order, to the next actor of the key.
             p.metrics.entity_deaths.inc();
-            p.topology
-                .entities
-                .record_death(&self.key, self.incarnation);
             for s in p.topology.supervisors.iter() {
                 s.value().do_send(ReplayEntity {
                     key: self.key.clone(),

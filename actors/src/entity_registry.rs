@@ -32,9 +32,6 @@ pub struct EntityRegistry {
     clock: AtomicU64,
     /// Live actors at which the bound is next enforced.
     next_scan: AtomicUsize,
-    /// Per key, the last actor that stopped with work possibly lost: the supervisors replay their
-    /// unfinished records of the key to the next actor only if it follows that one.
-    died: DashMap<String, u64>,
 }
 
 impl EntityRegistry {
@@ -114,16 +111,6 @@ impl EntityRegistry {
             self.passivate(key);
         }
         n
-    }
-
-    /// Records that `incarnation` of `key` stopped with work possibly lost.
-    pub fn record_death(&self, key: &str, incarnation: u64) {
-        self.died.insert(key.to_string(), incarnation);
-    }
-
-    /// Whether `incarnation` of `key` stopped with work possibly lost.
-    pub fn died(&self, key: &str, incarnation: u64) -> bool {
-        self.died.get(key).is_some_and(|i| *i == incarnation)
     }
 
     /// Registers the actor of `key`.

@@ -302,6 +302,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_vec()))
                 .collect(),
             timestamp_ms: Some(5),
+            finished: Default::default(),
         }
     }
 

@@ -156,18 +156,20 @@ impl PartitionSupervisor {
     }
 
     /// Makes sure the live actor of `key` has been sent every unfinished record of the key
-    /// before `before` (all of them when `None`), replaying them if it follows an actor that died
-    /// with work possibly lost (one that passivated had finished all of it).
+    /// before `before` (all of them when `None`): a new actor is sent again those an earlier
+    /// actor was sent and did not finish (it died with them in its mailbox).
     fn catch_up(&mut self, key: &str, before: Option<i64>) -> EntityHandle {
         let handle = self.entity(key);
         let current = self.unfinished.sent_to.get(key).copied();
         if current != Some(handle.incarnation) {
-            let died = current.is_some_and(|i| self.pipeline.topology.entities.died(key, i));
-            if died {
+            if current.is_some() {
                 let p = &self.pipeline;
                 for (offset, record) in self.unfinished.by_key.get(key).into_iter().flatten() {
                     if before.is_some_and(|b| *offset >= b) {
                         break;
+                    }
+                    if record.finished.get() {
+                        continue;
                     }
                     // It parsed before, so it parses again the same way.
                     if let Ok(event) = parse(record, &p.rules, &p.limits) {
@@ -322,6 +324,7 @@ mod tests {
             value: None,
             headers: vec![],
             timestamp_ms: None,
+            finished: Default::default(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! A consumed Kafka record as the actors see it, free of any client library.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// A topic and partition number: the unit of assignment, ordering and commits.
@@ -56,6 +57,32 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Produce or log-append time in milliseconds since the epoch, when the broker gave one.
     pub timestamp_ms: Option<i64>,
+    /// Set once an entity actor has finished the record (applied and staged, dropped as a
+    /// duplicate, or dead-lettered), so that it is not handed to the key's next actor again.
+    pub finished: Finished,
+}
+
+/// Whether a routed record's work is done; shared by the supervisor and the entity actor.
+#[derive(Debug, Default)]
+pub struct Finished(AtomicBool);
+
+impl Finished {
+    /// Marks the record finished.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the record is finished.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A copy of a record is a record of its own, as far as it was finished when copied.
+impl Clone for Finished {
+    fn clone(&self) -> Self {
+        Finished(AtomicBool::new(self.get()))
+    }
 }
 
 impl Record {
