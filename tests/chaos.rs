@@ -63,7 +63,10 @@ async fn actors_killed_mid_processing_lose_nothing_and_double_nothing() {
     assert_eq!(topology.dedup.restarts, kills.dedup.total());
     assert_eq!(topology.committer.restarts, kills.committer.total());
     assert!(restarts > 0, "no supervisor was restarted");
-    assert!(replayed > 0, "no record was replayed");
+    // Records are replayed only when an actor died with them unfinished in its mailbox and its
+    // partition was not rewound meanwhile, which the timing decides; the views below show that
+    // whatever was lost was made good.
+    assert!(deaths > 0, "no entity actor died with work pending");
 
     assert_views_exact(&running, &expected).await;
     let (_, applied, duplicates) = running.metrics.totals();

@@ -77,6 +77,19 @@ impl Unfinished {
             .push_back((offset, record));
     }
 
+    /// The records of `key` below `before` (all when `None`), in offset order, that no entity
+    /// actor finished: what a new actor of the key must be sent again.
+    fn to_replay(&self, key: &str, before: Option<i64>) -> Vec<Arc<Record>> {
+        self.by_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .take_while(|(offset, _)| before.is_none_or(|b| *offset < b))
+            .filter(|(_, record)| !record.finished.get())
+            .map(|(_, record)| record.clone())
+            .collect()
+    }
+
     /// Forgets records below `committable`: their effects are durable.
     fn prune(&mut self, committable: i64) {
         while let Some((offset, _)) = self.order.front() {
@@ -163,18 +176,12 @@ impl PartitionSupervisor {
         let current = self.unfinished.sent_to.get(key).copied();
         if current != Some(handle.incarnation) {
             if current.is_some() {
-                let p = &self.pipeline;
-                for (offset, record) in self.unfinished.by_key.get(key).into_iter().flatten() {
-                    if before.is_some_and(|b| *offset >= b) {
-                        break;
-                    }
-                    if record.finished.get() {
-                        continue;
-                    }
+                let p = self.pipeline.clone();
+                for record in self.unfinished.to_replay(key, before) {
                     // It parsed before, so it parses again the same way.
-                    if let Ok(event) = parse(record, &p.rules, &p.limits) {
+                    if let Ok(event) = parse(&record, &p.rules, &p.limits) {
                         p.metrics.replayed.inc();
-                        self.send(&handle, event, record.clone());
+                        self.send(&handle, event, record);
                     }
                 }
             }
@@ -349,5 +356,29 @@ mod tests {
         assert!(!u.by_key.contains_key("b") && !u.sent_to.contains_key("b"));
         u.prune(10);
         assert!(u.by_key.is_empty() && u.order.is_empty());
+    }
+
+    #[test]
+    fn only_records_no_actor_finished_are_replayed_in_order() {
+        let mut u = Unfinished::default();
+        for offset in 0..5 {
+            u.push("a", record(offset));
+        }
+        u.push("b", record(5));
+        let offsets = |records: Vec<Arc<Record>>| -> Vec<i64> {
+            records.iter().map(|r| r.origin.offset).collect()
+        };
+        assert_eq!(offsets(u.to_replay("a", None)), [0, 1, 2, 3, 4]);
+        // The actor that died finished the first two; the third and fourth were in its mailbox.
+        for (_, r) in u.by_key["a"].iter().take(2) {
+            r.finished.set();
+        }
+        assert_eq!(offsets(u.to_replay("a", None)), [2, 3, 4]);
+        assert_eq!(
+            offsets(u.to_replay("a", Some(4))),
+            [2, 3],
+            "the record being routed is sent next"
+        );
+        assert!(u.to_replay("c", None).is_empty());
     }
 }
