@@ -216,6 +216,13 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resolves once the service has joined its group and been assigned partitions (`/ready`).
+async fn wait_joined(running: &service::RunningService) {
+    while !running.topology.joined.load(Ordering::Relaxed) {
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Runs both workloads and the restart measurement.
 pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<BenchReport> {
     if options.events == 0 || options.keys == 0 || options.partitions < 1 || options.ahead == 0 {
@@ -252,9 +259,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let running = service::start(&config).await?;
     // Events produced while the group is still forming would wait for it, and their latency
     // would measure the join, not the pipeline.
-    while !running.topology.joined.load(Ordering::Relaxed) {
-        actix::clock::sleep(Duration::from_millis(1)).await;
-    }
+    wait_joined(&running).await;
     let metrics = running.metrics.clone();
     let feeder = Feeder::start(
         &config.kafka.brokers,
@@ -297,9 +302,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let started = Instant::now();
     let running = service::start(&config).await?;
     let restart_serving_ms = started.elapsed().as_secs_f64() * 1000.0;
-    while !running.topology.joined.load(Ordering::Relaxed) {
-        actix::clock::sleep(Duration::from_millis(1)).await;
-    }
+    wait_joined(&running).await;
     let restart_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     running.shutdown().await?;
     let store = config.store.open()?;

@@ -23,9 +23,6 @@ use crate::consumer::{ConsumerError, ConsumerThread, KafkaOffsetSink};
 use crate::dead_letter_producer::KafkaDeadLetters;
 use crate::http::{routes, ApiState};
 
-/// Longest wait at shutdown for tasks that still hold store handles.
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -199,18 +196,6 @@ impl RunningService {
             .await
             .map_err(|_| StoreError::Released)??;
         self.committer.do_send(Shutdown);
-        // Tasks that flushed earlier writes may hold handles a moment longer; the store is
-        // closed only when the last one goes, and a caller may open it again right after.
-        let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
-        while store.handles() > 1 && std::time::Instant::now() < deadline {
-            actix::clock::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        if store.handles() > 1 {
-            tracing::warn!(
-                handles = store.handles() - 1,
-                "store handles still held after {CLOSE_TIMEOUT:?}; the store closes when they go"
-            );
-        }
         drop(store);
         tracing::info!("shut down cleanly");
         Ok(())

@@ -89,12 +89,12 @@ impl EntityRegistry {
     }
 
     /// Passivates idle actors (nothing unfinished in their mailboxes), those sent an event least
-    /// recently first, until at most `keep` are live or none is idle; returns how many. Their
-    /// views are staged or stored, so the next actor of a key loads them whole.
-    pub fn shrink_to(&self, keep: usize) -> usize {
+    /// recently first, until at most `keep` are live or none is idle. Their views are staged or
+    /// stored, so the next actor of a key loads them whole.
+    fn shrink_to(&self, keep: usize) {
         let excess = self.actors.len().saturating_sub(keep);
         if excess == 0 {
-            return 0;
+            return;
         }
         let mut idle: Vec<(u64, String)> = self
             .actors
@@ -110,7 +110,6 @@ impl EntityRegistry {
         for (_, key) in &idle {
             self.passivate(key);
         }
-        n
     }
 
     /// Registers the actor of `key`.
