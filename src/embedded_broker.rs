@@ -66,6 +66,18 @@ impl EmbeddedBroker {
             .insert("heartbeat.interval.ms".into(), "300".into());
     }
 
+    /// How long the embedded broker keeps a group from forming again after its last member left:
+    /// it waits for the members to rejoin for the session timeout less 1 s, where Kafka marks a
+    /// group that its last member left empty at once.
+    pub fn group_hold(config: &Config) -> std::time::Duration {
+        let session = config.kafka.session_timeout_ms;
+        std::time::Duration::from_millis(if session > 1000 {
+            session - 1000
+        } else {
+            session
+        })
+    }
+
     /// The cluster's `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> String {
         self.cluster().bootstrap_servers()

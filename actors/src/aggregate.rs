@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::envelope::{json_type, Body, Event};
+use crate::envelope::{json_type, Body, Envelope, Event};
+use crate::json_fields::Fields;
 use crate::rules::{RuleConfig, RuleKind, Rules};
 
 /// The live view of one entity.
@@ -42,7 +43,7 @@ pub struct SourceSection {
     /// Its time in milliseconds since the epoch.
     pub timestamp_ms: i64,
     /// The payload fields transferred so far, later events overwriting earlier ones field by field.
-    pub state: Value,
+    pub state: Fields,
 }
 
 /// Why an event could not be folded; the aggregate is left as it was.
@@ -70,10 +71,10 @@ pub enum FoldError {
 }
 
 /// A rule's input, read before anything is changed so that a failure leaves no partial effect.
-enum Input<'e> {
+enum Input {
     Nothing,
     Number(f64),
-    Value(Option<&'e Value>),
+    Value(Option<Value>),
 }
 
 impl Aggregate {
@@ -101,15 +102,12 @@ impl Aggregate {
         if deletes {
             self.sources.remove(&source.name);
         } else if let Body::Envelope(envelope) = &mut event.body {
-            let payload = envelope
-                .get_mut("payload")
-                .map(Value::take)
-                .unwrap_or(Value::Null);
+            let payload = envelope.payload.take().unwrap_or_default();
             // Updated in place: keys are not cloned anew.
             match self.sources.get_mut(&source.name) {
                 Some(section) => {
                     let prev = std::mem::take(&mut section.state);
-                    section.state = merge(prev, payload);
+                    section.state = prev.merge(payload);
                     section.code.clone_from(&event.code);
                     section.message_id.clone_from(&event.message_id);
                     section.partition = event.origin.tp.partition;
@@ -142,7 +140,7 @@ impl Aggregate {
         Ok(())
     }
 
-    fn fold_rule(&mut self, rule: &RuleConfig, input: Input<'_>) {
+    fn fold_rule(&mut self, rule: &RuleConfig, input: Input) {
         let current = self.figures.get_mut(&rule.name).map(std::mem::take);
         let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_f64);
         let next = match (rule.kind, input) {
@@ -171,13 +169,13 @@ impl Aggregate {
                 avg.insert("avg".into(), number_value(sum / count));
                 Value::Object(avg)
             }
-            (RuleKind::Latest, Input::Value(v)) => v.cloned().unwrap_or(Value::Null),
+            (RuleKind::Latest, Input::Value(v)) => v.unwrap_or(Value::Null),
             (RuleKind::History, Input::Value(v)) => {
                 let mut list = match current {
                     Some(Value::Array(list)) => list,
                     _ => Vec::new(),
                 };
-                list.push(v.cloned().unwrap_or(Value::Null));
+                list.push(v.unwrap_or(Value::Null));
                 if list.len() > rule.limit {
                     list.drain(..list.len() - rule.limit);
                 }
@@ -195,11 +193,11 @@ impl Aggregate {
     }
 }
 
-fn read_inputs<'r, 'e>(
+fn read_inputs<'r>(
     rules: &'r Rules,
     event: &Event,
-    envelope: &'e Value,
-) -> Result<Vec<(&'r RuleConfig, Input<'e>)>, FoldError> {
+    envelope: &Envelope,
+) -> Result<Vec<(&'r RuleConfig, Input)>, FoldError> {
     rules
         .matching(event.source, &event.code)
         .map(|rule| {
@@ -218,7 +216,7 @@ fn read_inputs<'r, 'e>(
                         return Err(FoldError::WrongType {
                             rule: rule.name.clone(),
                             field: field.to_string(),
-                            found: json_type(other),
+                            found: json_type(&other),
                         })
                     }
                 },
@@ -227,17 +225,6 @@ fn read_inputs<'r, 'e>(
             Ok((rule, input))
         })
         .collect()
-}
-
-/// Later fields overwrite earlier ones; anything but two objects is replaced whole.
-fn merge(prev: Value, next: Value) -> Value {
-    match (prev, next) {
-        (Value::Object(mut prev), Value::Object(next)) => {
-            prev.extend(next);
-            Value::Object(prev)
-        }
-        (_, next) => next,
-    }
 }
 
 /// A number as JSON: integral values print without a fraction.
@@ -368,7 +355,12 @@ mod tests {
             message_id: format!("{src}-{offset}"),
             code: code.into(),
             timestamp_ms: 1000 + offset,
-            body: Body::Envelope(json!({"metadata": {}, "code": code, "payload": payload})),
+            body: Body::Envelope(
+                Envelope::from_text(
+                    &json!({"metadata": {}, "code": code, "payload": payload}).to_string(),
+                )
+                .unwrap(),
+            ),
         }
     }
 
@@ -440,7 +432,10 @@ mod tests {
         .unwrap();
         assert_eq!(agg.figures["points"], json!(70));
         let section = &agg.sources["loyalty"];
-        assert_eq!(section.state, json!({"points": 30, "tier": "gold"}));
+        assert_eq!(
+            section.state.to_value(),
+            json!({"points": 30, "tier": "gold"})
+        );
         assert_eq!((section.code.as_str(), section.offset), ("REDEEMED", 1));
     }
 

@@ -1,8 +1,12 @@
 //! Turns a raw record into an [`Event`] (the envelope of DESIGN §1), or into a [`Rejection`] that
 //! says why it cannot be processed and goes to the dead-letter topic.
 
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::json_fields::{decode, first_token, value_at, Fields};
 use crate::record::{Origin, Record};
 use crate::rules::Rules;
 
@@ -22,9 +26,75 @@ pub struct ParseLimits {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Body {
     /// The parsed envelope (`metadata`, `code`, `payload`).
-    Envelope(Value),
+    Envelope(Envelope),
     /// A record with a key and no value.
     Tombstone,
+}
+
+/// An envelope as parsed: its payload's fields and its other top-level fields, each kept as JSON
+/// text and decoded only where a rule or the key pointer reads it.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    /// The payload; the fold moves it into the view, leaving `None` (as for an envelope without).
+    pub payload: Option<Fields>,
+    /// The other top-level fields (`metadata`, `code`, ...), by name.
+    pub rest: BTreeMap<String, Box<RawValue>>,
+}
+
+impl Envelope {
+    /// Splits the JSON text of an envelope into its fields; a rejection if it is not JSON or not
+    /// an object.
+    pub fn from_text(text: &str) -> Result<Self, Rejection> {
+        let mut rest: BTreeMap<String, Box<RawValue>> = match serde_json::from_str(text) {
+            Ok(rest) => rest,
+            // Decoded again only to tell bad JSON from JSON that is not an object.
+            Err(_) => {
+                return Err(match serde_json::from_str::<Value>(text) {
+                    Ok(other) => Rejection::NotAnObject(json_type(&other)),
+                    Err(e) => Rejection::InvalidJson(e.to_string()),
+                })
+            }
+        };
+        let payload = rest
+            .remove("payload")
+            .map(Fields::from_raw)
+            .transpose()
+            .map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+        Ok(Envelope { payload, rest })
+    }
+
+    /// The top-level field `name`, decoded.
+    pub fn field(&self, name: &str) -> Option<Value> {
+        self.rest.get(name).map(|raw| decode(raw))
+    }
+
+    /// The value at JSON pointer `pointer` (RFC 6901) within the envelope, decoded; only the
+    /// field the pointer enters is decoded.
+    pub fn pointer(&self, pointer: &str) -> Option<Value> {
+        if pointer.is_empty() {
+            let mut whole: serde_json::Map<String, Value> = self
+                .rest
+                .iter()
+                .map(|(name, raw)| (name.clone(), decode(raw)))
+                .collect();
+            if let Some(payload) = &self.payload {
+                whole.insert("payload".into(), payload.to_value());
+            }
+            return Some(Value::Object(whole));
+        }
+        let (name, rest) = first_token(pointer)?;
+        if name == "payload" {
+            return self.payload.as_ref()?.pointer(rest);
+        }
+        value_at(self.rest.get(name.as_ref())?, rest)
+    }
+}
+
+/// Equal when they mean the same JSON, however the text was spaced.
+impl PartialEq for Envelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.pointer("") == other.pointer("")
+    }
 }
 
 /// One parsed, routable event.
@@ -162,23 +232,19 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
         });
     }
     let text = std::str::from_utf8(raw).map_err(|e| Rejection::InvalidUtf8(e.to_string()))?;
-    let envelope: Value =
-        serde_json::from_str(text).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
-    let Value::Object(obj) = &envelope else {
-        return Err(Rejection::NotAnObject(json_type(&envelope)));
-    };
-    let Some(Value::Object(meta)) = obj.get("metadata") else {
+    let envelope = Envelope::from_text(text)?;
+    let Some(Value::Object(mut meta)) = envelope.field("metadata") else {
         return Err(Rejection::MissingMetadata);
     };
     let message_id = match header_id {
         Some(id) => id,
-        None => match meta.get("message_id") {
-            Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        None => match meta.remove("message_id") {
+            Some(Value::String(id)) if !id.is_empty() => id,
             _ => return Err(Rejection::MissingMessageId),
         },
     };
-    let code = match obj.get("code") {
-        Some(Value::String(c)) if !c.is_empty() => c.clone(),
+    let code = match envelope.field("code") {
+        Some(Value::String(c)) if !c.is_empty() => c,
         _ => return Err(Rejection::MissingCode),
     };
     let src = rules.source(source);
@@ -204,12 +270,12 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
     let key = match &src.key_pointer {
         None => record_key(record, limits)?,
         Some(pointer) => match envelope.pointer(pointer) {
-            Some(Value::String(k)) => check_key(k.clone(), limits)?,
+            Some(Value::String(k)) => check_key(k, limits)?,
             Some(Value::Number(n)) => n.to_string(),
             Some(other) => {
                 return Err(Rejection::BadKey(format!(
                     "{pointer} is a JSON {}",
-                    json_type(other)
+                    json_type(&other)
                 )))
             }
             None => return Err(Rejection::MissingKey(format!("nothing at {pointer}"))),

@@ -147,6 +147,11 @@ impl MarkerIndex {
         self.partitions.get(&partition).map_or(0, |p| p.live.len())
     }
 
+    /// Ids in the window of every partition.
+    pub(crate) fn total(&self) -> usize {
+        self.partitions.values().map(|p| p.live.len()).sum()
+    }
+
     /// Loads stored batch `seq` of `partition` while opening the store; batches must come in
     /// key order. Call [`MarkerIndex::trim`] after the last one.
     pub(crate) fn load_batch(&mut self, partition: i32, seq: u64, ids: &[&str]) {

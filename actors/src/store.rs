@@ -152,6 +152,7 @@ impl Store {
         // A store closed a moment ago in this process may still be locked; one held elsewhere
         // is still refused, after the wait.
         Self::wait_released(path, LOCK_WAIT);
+        let started = std::time::Instant::now();
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
@@ -163,7 +164,15 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let opened = started.elapsed();
         let markers = load_markers(&db, window)?;
+        tracing::info!(
+            path = %path.display(),
+            open_ms = opened.as_millis() as u64,
+            markers_ms = (started.elapsed() - opened).as_millis() as u64,
+            markers = markers.total(),
+            "store opened"
+        );
         Ok(Store {
             db,
             path: path.to_path_buf(),

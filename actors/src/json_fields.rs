@@ -1,0 +1,174 @@
+//! A JSON value held as text, an object as its top-level fields each kept as text: the payload an
+//! envelope transfers and the state a view's section holds. Merging replaces whole fields and
+//! encoding copies their text, so that folding and writing a view build no tree per value.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// A JSON value: an object by its fields, each as JSON text, or any other value as JSON text.
+#[derive(Clone, Debug)]
+pub enum Fields {
+    /// An object, field name to the field's JSON text.
+    Object(BTreeMap<String, Box<RawValue>>),
+    /// Anything but an object, as JSON text.
+    Other(Box<RawValue>),
+}
+
+impl Default for Fields {
+    /// JSON `null`.
+    fn default() -> Self {
+        Fields::Other(RawValue::NULL.to_owned())
+    }
+}
+
+impl Fields {
+    /// Splits the JSON text `raw` into fields if it is an object.
+    pub fn from_raw(raw: Box<RawValue>) -> Result<Self, serde_json::Error> {
+        if raw.get().trim_start().starts_with('{') {
+            Ok(Fields::Object(serde_json::from_str(raw.get())?))
+        } else {
+            Ok(Fields::Other(raw))
+        }
+    }
+
+    /// Later fields overwrite earlier ones; anything but two objects is replaced whole.
+    pub fn merge(self, next: Fields) -> Fields {
+        match (self, next) {
+            (Fields::Object(mut prev), Fields::Object(next)) => {
+                prev.extend(next);
+                Fields::Object(prev)
+            }
+            (_, next) => next,
+        }
+    }
+
+    /// The value at JSON pointer `pointer` (RFC 6901) within this one, decoded; only the field
+    /// the pointer enters is decoded.
+    pub fn pointer(&self, pointer: &str) -> Option<Value> {
+        if pointer.is_empty() {
+            return Some(self.to_value());
+        }
+        match self {
+            Fields::Object(fields) => {
+                let (name, rest) = first_token(pointer)?;
+                value_at(fields.get(name.as_ref())?, rest)
+            }
+            Fields::Other(raw) => value_at(raw, pointer),
+        }
+    }
+
+    /// The whole value, decoded.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Fields::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(name, raw)| (name.clone(), decode(raw)))
+                    .collect(),
+            ),
+            Fields::Other(raw) => decode(raw),
+        }
+    }
+}
+
+/// Equal when they mean the same JSON, however the text was spaced.
+impl PartialEq for Fields {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_value() == other.to_value()
+    }
+}
+
+impl Serialize for Fields {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Fields::Object(fields) => fields.serialize(serializer),
+            Fields::Other(raw) => raw.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        Fields::from_raw(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The first reference token of `pointer` (unescaped) and the pointer that follows it; `None`
+/// if `pointer` does not start with `/`.
+pub(crate) fn first_token(pointer: &str) -> Option<(std::borrow::Cow<'_, str>, &str)> {
+    let pointer = pointer.strip_prefix('/')?;
+    let (token, rest) = match pointer.find('/') {
+        Some(at) => pointer.split_at(at),
+        None => (pointer, ""),
+    };
+    let token = if token.contains('~') {
+        std::borrow::Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+    } else {
+        std::borrow::Cow::Borrowed(token)
+    };
+    Some((token, rest))
+}
+
+/// The value at `pointer` within the JSON text `raw`, decoded.
+pub(crate) fn value_at(raw: &RawValue, pointer: &str) -> Option<Value> {
+    let mut value = decode(raw);
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    value.pointer_mut(pointer).map(Value::take)
+}
+
+/// Decodes JSON text that serde_json already checked, so it cannot fail; `null` if it did.
+pub(crate) fn decode(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(text: &str) -> Fields {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn objects_merge_field_by_field_and_anything_else_is_replaced() {
+        let merged = fields(r#"{"a": 1, "b": {"x": 1}}"#).merge(fields(r#"{"b": {"y": 2}}"#));
+        assert_eq!(merged.to_value(), json!({"a": 1, "b": {"y": 2}}));
+        assert_eq!(fields("[1]").merge(fields("{}")).to_value(), json!({}));
+        assert_eq!(fields("{}").merge(fields("3")).to_value(), json!(3));
+    }
+
+    #[test]
+    fn encodes_to_the_same_json_it_was_read_from() {
+        let text = r#"{"b":[1,{"c":"\u00e9"}],"a":"x\"y","n":1.5e3}"#;
+        let encoded = serde_json::to_string(&fields(text)).unwrap();
+        let back: Value = serde_json::from_str(&encoded).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(text).unwrap());
+        assert_eq!(serde_json::to_string(&fields(" 7 ")).unwrap(), "7");
+    }
+
+    #[test]
+    fn pointers_decode_only_what_they_reach() {
+        let f = fields(r#"{"a": {"b": [10, 20]}, "x/y": 1, "t~": 2}"#);
+        assert_eq!(f.pointer("/a/b/1"), Some(json!(20)));
+        assert_eq!(f.pointer("/x~1y"), Some(json!(1)));
+        assert_eq!(f.pointer("/t~0"), Some(json!(2)));
+        assert_eq!(f.pointer("/a/c"), None);
+        assert_eq!(f.pointer("nope"), None);
+        assert_eq!(f.pointer(""), Some(f.to_value()));
+        assert_eq!(fields("[1, 2]").pointer("/1"), Some(json!(2)));
+    }
+
+    #[test]
+    fn equality_is_by_meaning() {
+        assert_eq!(fields(r#"{"a":1}"#), fields(r#"{ "a" : 1 }"#));
+        assert_ne!(fields(r#"{"a":1}"#), fields(r#"{"a":2}"#));
+        assert_eq!(Fields::default().to_value(), Value::Null);
+    }
+}
