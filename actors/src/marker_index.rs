@@ -7,7 +7,7 @@
 //! larger window remembers those few ids again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
@@ -53,11 +53,38 @@ pub(crate) fn decode_ids(mut value: &[u8]) -> Option<Vec<&str>> {
     Some(ids)
 }
 
+/// Hashes a marker's 128-bit hash by its low 64 bits: it is already a seeded xxh3 hash, so
+/// hashing it again (SipHash, the default) only costs time, at every check and at every start.
+#[derive(Default)]
+struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u128 keys are hashed here; other input is folded in rather than lost.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, hash: u128) {
+        self.0 = hash as u64;
+    }
+}
+
+/// The hashes of the ids in a window.
+type HashSetOfHashes = HashSet<u128, BuildHasherDefault<PrehashedHasher>>;
+
 /// One partition's window.
 #[derive(Default)]
 struct PartitionMarkers {
     /// Hashes of the ids in the window.
-    live: HashSet<u128>,
+    live: HashSetOfHashes,
     /// The same, oldest first.
     order: VecDeque<u128>,
     /// Stored batches, oldest first: sequence number and how many of its ids are still live.

@@ -296,6 +296,25 @@ impl Store {
         self.db.size_on_disk().unwrap_or(0)
     }
 
+    /// Opens the closed store at `path` and closes it again: sled writes its snapshot while it
+    /// opens, so the next start replays only what is written after this, not everything written
+    /// since the store was last opened (seconds with a million entities). For a clean shutdown.
+    pub fn checkpoint(path: &Path) -> Result<Duration, StoreError> {
+        let started = Instant::now();
+        Self::wait_released(path, LOCK_WAIT);
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        drop(db);
+        Ok(started.elapsed())
+    }
+
     /// Waits up to `timeout` until nobody holds the store at `path`; whether it is free (also
     /// when there is no store yet). sled lets go of its lock on the directory only when its I/O
     /// threads end, a moment after the last handle is dropped (sled issues #1234, #1289).
@@ -394,6 +413,24 @@ mod tests {
             vec!["C1".to_string()]
         );
         assert!(store.entities_of_partition(4).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_checkpointed_store_keeps_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        {
+            let store = Store::open(&path).unwrap();
+            let mut batch = WriteBatch::default();
+            batch.add_marker(0, "m");
+            batch.put_view(&Aggregate::new("C1", 0)).unwrap();
+            store.write(batch).unwrap();
+            futures_lite_block_on(store.flush()).unwrap();
+        }
+        Store::checkpoint(&path).unwrap();
+        let store = Store::open(&path).unwrap();
+        assert!(store.has_marker(0, "m").unwrap());
+        assert_eq!(store.load("C1").unwrap(), Some(Aggregate::new("C1", 0)));
     }
 
     #[test]
