@@ -149,21 +149,8 @@ impl Store {
     /// and keeping the latest `window` message-id markers of each partition (read into memory
     /// here).
     pub fn open_with(path: &Path, cache_bytes: u64, window: u64) -> Result<Self, StoreError> {
-        // A store closed a moment ago in this process may still be locked; one held elsewhere
-        // is still refused, after the wait.
-        Self::wait_released(path, LOCK_WAIT);
         let started = std::time::Instant::now();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            // The dedup actor flushes after every batch; a timer-driven flush would only add I/O.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let db = open_db(path, cache_bytes)?;
         let opened = started.elapsed();
         let markers = load_markers(&db, window)?;
         tracing::info!(
@@ -301,17 +288,7 @@ impl Store {
     /// since the store was last opened (seconds with a million entities). For a clean shutdown.
     pub fn checkpoint(path: &Path) -> Result<Duration, StoreError> {
         let started = Instant::now();
-        Self::wait_released(path, LOCK_WAIT);
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        drop(db);
+        drop(open_db(path, DEFAULT_CACHE_BYTES)?);
         Ok(started.elapsed())
     }
 
@@ -342,6 +319,24 @@ impl Store {
             }
         }
     }
+}
+
+/// Opens the sled database at `path` once no handle of this process holds it any more.
+fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    // A store closed a moment ago in this process may still be locked; one held elsewhere is
+    // still refused, after the wait.
+    Store::wait_released(path, LOCK_WAIT);
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        // The dedup actor flushes after every batch; a timer-driven flush would only add I/O.
+        .flush_every_ms(None)
+        .open()
+        .map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
