@@ -45,22 +45,13 @@ impl Envelope {
     /// Splits the JSON text of an envelope into its fields; a rejection if it is not JSON or not
     /// an object.
     pub fn from_text(text: &str) -> Result<Self, Rejection> {
-        let mut rest: BTreeMap<String, Box<RawValue>> = match serde_json::from_str(text) {
-            Ok(rest) => rest,
+        serde_json::from_str(text).map_err(|_| {
             // Decoded again only to tell bad JSON from JSON that is not an object.
-            Err(_) => {
-                return Err(match serde_json::from_str::<Value>(text) {
-                    Ok(other) => Rejection::NotAnObject(json_type(&other)),
-                    Err(e) => Rejection::InvalidJson(e.to_string()),
-                })
+            match serde_json::from_str::<Value>(text) {
+                Ok(other) => Rejection::NotAnObject(json_type(&other)),
+                Err(e) => Rejection::InvalidJson(e.to_string()),
             }
-        };
-        let payload = rest
-            .remove("payload")
-            .map(Fields::from_raw)
-            .transpose()
-            .map_err(|e| Rejection::InvalidJson(e.to_string()))?;
-        Ok(Envelope { payload, rest })
+        })
     }
 
     /// The top-level field `name`, decoded.
@@ -87,6 +78,42 @@ impl Envelope {
             return self.payload.as_ref()?.pointer(rest);
         }
         value_at(self.rest.get(name.as_ref())?, rest)
+    }
+}
+
+/// Read in one pass: the payload's fields and the other top-level fields are taken as text as
+/// the object is read. Only an object is an envelope.
+impl<'de> serde::Deserialize<'de> for Envelope {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EnvelopeVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
+            type Value = Envelope;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an envelope object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Envelope, A::Error> {
+                let mut envelope = Envelope {
+                    payload: None,
+                    rest: BTreeMap::new(),
+                };
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == "payload" {
+                        envelope.payload = Some(map.next_value::<Fields>()?);
+                    } else {
+                        envelope.rest.insert(name, map.next_value()?);
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+
+        deserializer.deserialize_map(EnvelopeVisitor)
     }
 }
 

@@ -25,15 +25,6 @@ impl Default for Fields {
 }
 
 impl Fields {
-    /// Splits the JSON text `raw` into fields if it is an object.
-    pub fn from_raw(raw: Box<RawValue>) -> Result<Self, serde_json::Error> {
-        if raw.get().trim_start().starts_with('{') {
-            Ok(Fields::Object(serde_json::from_str(raw.get())?))
-        } else {
-            Ok(Fields::Other(raw))
-        }
-    }
-
     /// Later fields overwrite earlier ones; anything but two objects is replaced whole.
     pub fn merge(self, next: Fields) -> Fields {
         match (self, next) {
@@ -90,10 +81,78 @@ impl Serialize for Fields {
     }
 }
 
+/// Read in one pass: an object's fields are taken as text as the object is read. (Only
+/// serde_json's deserializer can hand out text; views are read with it alone.)
 impl<'de> Deserialize<'de> for Fields {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw = Box::<RawValue>::deserialize(deserializer)?;
-        Fields::from_raw(raw).map_err(serde::de::Error::custom)
+        deserializer.deserialize_any(FieldsVisitor)
+    }
+}
+
+struct FieldsVisitor;
+
+impl FieldsVisitor {
+    /// Anything but an object: decoded, then kept as its text.
+    fn other<E: serde::de::Error>(value: Value) -> Result<Fields, E> {
+        serde_json::value::to_raw_value(&value)
+            .map(Fields::Other)
+            .map_err(E::custom)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut fields = BTreeMap::new();
+        while let Some(name) = map.next_key::<String>()? {
+            fields.insert(name, map.next_value::<Box<RawValue>>()?);
+        }
+        Ok(Fields::Object(fields))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Fields, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            items.push(item);
+        }
+        Self::other(Value::Array(items))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Fields, E> {
+        Ok(Fields::default())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Fields, E> {
+        Self::other(Value::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Fields, E> {
+        Self::other(Value::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Fields, E> {
+        Self::other(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Fields, E> {
+        Self::other(Value::from(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Fields, E> {
+        Self::other(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Fields, E> {
+        Self::other(Value::String(v))
     }
 }
 
@@ -163,6 +222,33 @@ mod tests {
         assert_eq!(f.pointer("nope"), None);
         assert_eq!(f.pointer(""), Some(f.to_value()));
         assert_eq!(fields("[1, 2]").pointer("/1"), Some(json!(2)));
+    }
+
+    #[test]
+    fn every_kind_of_value_reads_back_as_it_was() {
+        for text in [
+            r#"{"a":{"b":[1,"x"]},"c":null}"#,
+            "[1,{\"a\":2},[]]",
+            r#""\u00e9""#,
+            "-3",
+            "18446744073709551615",
+            "2.5",
+            "true",
+            "null",
+            "{}",
+        ] {
+            let f = fields(text);
+            assert_eq!(
+                f.to_value(),
+                serde_json::from_str::<Value>(text).unwrap(),
+                "{text}"
+            );
+            assert_eq!(
+                matches!(f, Fields::Object(_)),
+                text.starts_with('{'),
+                "{text}"
+            );
+        }
     }
 
     #[test]
