@@ -89,10 +89,16 @@ pub struct BenchReport {
     pub markers_kept: u64,
     /// Markers expired out of the window during the run.
     pub markers_expired: u64,
-    /// Milliseconds from start to serving views, with the store full.
+    /// Milliseconds from start to serving views, with the store full, after a clean shutdown.
     pub restart_serving_ms: f64,
-    /// Milliseconds from start to `/ready` (group joined, partitions assigned), store full.
+    /// Milliseconds from start to `/ready` (group joined, partitions assigned), store full, after
+    /// a clean shutdown.
     pub restart_ready_ms: f64,
+    /// Milliseconds from start to serving views after a shutdown without the store's checkpoint,
+    /// which leaves sled's log to replay as a crash does.
+    pub recovery_serving_ms: f64,
+    /// Milliseconds from start to `/ready` after a shutdown without the store's checkpoint.
+    pub recovery_ready_ms: f64,
     /// Events applied, duplicates dropped and dead-lettered match what was produced.
     pub verified: bool,
     /// The counts the check compared: produced, consumed, applied, dropped as duplicates,
@@ -225,6 +231,23 @@ async fn wait_joined(running: &service::RunningService) {
     }
 }
 
+/// Starts the service on the store the last one left, timing it to serving and to `/ready`, and
+/// stops it again.
+async fn timed_restart(config: &Config) -> anyhow::Result<(f64, f64)> {
+    // Not timed: a restarting process finds the store let go by the one that exited, and Kafka
+    // would let the group form again at once, where the embedded broker holds it a while.
+    let left = Instant::now();
+    aggregator_actors::Store::wait_released(&config.store.path, Duration::from_secs(60));
+    actix::clock::sleep(EmbeddedBroker::group_hold(config).saturating_sub(left.elapsed())).await;
+    let started = Instant::now();
+    let running = service::start(config).await?;
+    let serving_ms = started.elapsed().as_secs_f64() * 1000.0;
+    wait_joined(&running).await;
+    let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
+    running.shutdown().await?;
+    Ok((serving_ms, ready_ms))
+}
+
 /// Runs both workloads and the restart measurement.
 pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<BenchReport> {
     if options.events == 0 || options.keys == 0 || options.partitions < 1 || options.ahead == 0 {
@@ -233,6 +256,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     config.tuning.commit_interval_ms = options.commit_interval_ms;
     config.http.bind = "127.0.0.1:0".into();
     config.kafka.group_id = "bench-aggregator".into();
+    // The first restart then finds sled's log as a crash leaves it.
+    config.store.checkpoint_on_shutdown = false;
     // Else the embedded broker's hold on a rejoining group would swamp the restart figure.
     EmbeddedBroker::tune_group_timeouts(&mut config);
     let dir = tempfile::tempdir().context("creating the store directory")?;
@@ -298,18 +323,13 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let markers_expired = running.topology.snapshot(0).dedup.markers_expired;
     running.shutdown().await?;
 
-    eprintln!("bench: restart on the full store");
-    // Not timed: a restarting process finds the store let go by the one that exited, and Kafka
-    // would let the group form again at once, where the embedded broker holds it a while.
-    let left = Instant::now();
-    aggregator_actors::Store::wait_released(&config.store.path, Duration::from_secs(60));
-    actix::clock::sleep(EmbeddedBroker::group_hold(&config).saturating_sub(left.elapsed())).await;
-    let started = Instant::now();
-    let running = service::start(&config).await?;
-    let restart_serving_ms = started.elapsed().as_secs_f64() * 1000.0;
-    wait_joined(&running).await;
-    let restart_ready_ms = started.elapsed().as_secs_f64() * 1000.0;
-    running.shutdown().await?;
+    // The workload's service stopped without the checkpoint: the first restart replays sled's
+    // log as after a crash; it stops with the checkpoint, and the second restart is a clean one.
+    eprintln!("bench: restart on the full store, its log not checkpointed (as after a crash)");
+    config.store.checkpoint_on_shutdown = true;
+    let (recovery_serving_ms, recovery_ready_ms) = timed_restart(&config).await?;
+    eprintln!("bench: restart on the full store after a clean shutdown");
+    let (restart_serving_ms, restart_ready_ms) = timed_restart(&config).await?;
     let store = config.store.open()?;
     let entities = store.entity_count()? as u64;
     let mut markers_kept = 0;
@@ -342,6 +362,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         markers_expired,
         restart_serving_ms,
         restart_ready_ms,
+        recovery_serving_ms,
+        recovery_ready_ms,
         verified,
         counts: [
             produced,
@@ -371,14 +393,17 @@ pub fn render(r: &BenchReport) -> String {
          aggregator (full service)  {:>10.0} events/s ({:.2} s)\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
-         peak RSS {:.0} MiB | store {:.1} MiB, {} entities | restart: serving {:.0} ms, ready {:.0} ms\n\
+         peak RSS {:.0} MiB | store {:.1} MiB, {} entities\n\
+         restart: serving {:.0} ms, ready {:.0} ms | without the shutdown's checkpoint (as after a \
+         crash): serving {:.0} ms, ready {:.0} ms\n\
          dedup markers kept {} (window {} ids per partition), expired {}\n\
          verified (every event applied once): {} (produced {}, consumed {}, applied {}, dropped {} \
          of {} duplicates sent, dead-lettered {})",
         r.events,
         r.keys,
         r.partitions,
-        r.offered_rate.map_or("unlimited".to_string(), |x| format!("{x}/s")),
+        r.offered_rate
+            .map_or("unlimited".to_string(), |x| format!("{x}/s")),
         r.commit_interval_ms,
         r.baseline.events_per_sec,
         r.baseline.seconds,
@@ -390,6 +415,8 @@ pub fn render(r: &BenchReport) -> String {
         r.entities,
         r.restart_serving_ms,
         r.restart_ready_ms,
+        r.recovery_serving_ms,
+        r.recovery_ready_ms,
         r.markers_kept,
         r.dedup_window,
         r.markers_expired,

@@ -32,6 +32,8 @@ pub mod defaults {
     pub const STORE_CACHE_MIB: u64 = 256;
     /// Message ids remembered per partition.
     pub const DEDUP_WINDOW: u64 = aggregator_actors::store::DEFAULT_DEDUP_WINDOW;
+    /// Checkpoint the store at a clean shutdown.
+    pub const CHECKPOINT_ON_SHUTDOWN: bool = true;
     /// HTTP listen address.
     pub const HTTP_BIND: &str = "127.0.0.1:8080";
     /// Interval between offset commits.
@@ -154,6 +156,10 @@ pub struct StoreConfig {
     /// beyond this, so a duplicate that arrives after this many newer ids of its partition is
     /// applied again. Bounds the store's marker count.
     pub dedup_window: u64,
+    /// After a clean shutdown, open and close the store once more so that the next start does
+    /// not replay the store's whole log (sled snapshots only while opening): a slower stop for a
+    /// faster start, seconds of each with a million entities stored.
+    pub checkpoint_on_shutdown: bool,
 }
 
 impl Default for StoreConfig {
@@ -163,6 +169,7 @@ impl Default for StoreConfig {
             flush_interval_ms: defaults::FLUSH_INTERVAL_MS,
             cache_mib: defaults::STORE_CACHE_MIB,
             dedup_window: defaults::DEDUP_WINDOW,
+            checkpoint_on_shutdown: defaults::CHECKPOINT_ON_SHUTDOWN,
         }
     }
 }

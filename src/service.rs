@@ -68,6 +68,7 @@ pub struct RunningService {
     store_faults: FaultInjector,
     rule_faults: FaultInjector,
     store_path: std::path::PathBuf,
+    checkpoint_on_shutdown: bool,
 }
 
 /// Starts the service with the configured Kafka dead-letter producer. Must run inside an actix
@@ -170,6 +171,7 @@ pub async fn start_with(
         store_faults,
         rule_faults,
         store_path: config.store.path.clone(),
+        checkpoint_on_shutdown: config.store.checkpoint_on_shutdown,
     })
 }
 
@@ -199,12 +201,16 @@ impl RunningService {
             .map_err(|_| StoreError::Released)??;
         self.committer.do_send(Shutdown);
         drop(store);
-        // The next start then opens the store at once instead of replaying all it wrote.
-        let path = self.store_path;
-        match actix_web::rt::task::spawn_blocking(move || Store::checkpoint(&path)).await {
-            Ok(Ok(took)) => tracing::info!(ms = took.as_millis() as u64, "store checkpointed"),
-            Ok(Err(e)) => tracing::warn!("store not checkpointed, the next start recovers it: {e}"),
-            Err(e) => tracing::warn!("store not checkpointed, the next start recovers it: {e}"),
+        if self.checkpoint_on_shutdown {
+            // The next start then opens the store at once instead of replaying all it wrote.
+            let path = self.store_path;
+            match actix_web::rt::task::spawn_blocking(move || Store::checkpoint(&path)).await {
+                Ok(Ok(took)) => tracing::info!(ms = took.as_millis() as u64, "store checkpointed"),
+                Ok(Err(e)) => {
+                    tracing::warn!("store not checkpointed, the next start recovers it: {e}")
+                }
+                Err(e) => tracing::warn!("store not checkpointed, the next start recovers it: {e}"),
+            }
         }
         tracing::info!("shut down cleanly");
         Ok(())
