@@ -45,9 +45,10 @@ impl Envelope {
     /// Splits the JSON text of an envelope into its fields; a rejection if it is not JSON or not
     /// an object.
     pub fn from_text(text: &str) -> Result<Self, Rejection> {
-        serde_json::from_str(text).map_err(|_| {
+        serde_json::from_str(text).map_err(|e| {
             // Decoded again only to tell bad JSON from JSON that is not an object.
             match serde_json::from_str::<Value>(text) {
+                Ok(Value::Object(_)) => Rejection::InvalidJson(e.to_string()),
                 Ok(other) => Rejection::NotAnObject(json_type(&other)),
                 Err(e) => Rejection::InvalidJson(e.to_string()),
             }
