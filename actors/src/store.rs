@@ -149,7 +149,7 @@ impl Store {
     /// and keeping the latest `window` message-id markers of each partition (read into memory
     /// here).
     pub fn open_with(path: &Path, cache_bytes: u64, window: u64) -> Result<Self, StoreError> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let db = open_db(path, cache_bytes)?;
         let opened = started.elapsed();
         let markers = load_markers(&db, window)?;
@@ -410,18 +410,21 @@ mod tests {
         assert!(store.entities_of_partition(4).unwrap().is_empty());
     }
 
+    /// Opens the store at `path`, writes and flushes `batch`, and closes the store.
+    fn write_flushed_and_close(path: &Path, batch: WriteBatch) {
+        let store = Store::open(path).unwrap();
+        store.write(batch).unwrap();
+        futures_lite_block_on(store.flush()).unwrap();
+    }
+
     #[test]
     fn a_checkpointed_store_keeps_its_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        {
-            let store = Store::open(&path).unwrap();
-            let mut batch = WriteBatch::default();
-            batch.add_marker(0, "m");
-            batch.put_view(&Aggregate::new("C1", 0)).unwrap();
-            store.write(batch).unwrap();
-            futures_lite_block_on(store.flush()).unwrap();
-        }
+        let mut batch = WriteBatch::default();
+        batch.add_marker(0, "m");
+        batch.put_view(&Aggregate::new("C1", 0)).unwrap();
+        write_flushed_and_close(&path, batch);
         Store::checkpoint(&path).unwrap();
         let store = Store::open(&path).unwrap();
         assert!(store.has_marker(0, "m").unwrap());
@@ -432,13 +435,9 @@ mod tests {
     fn reopening_keeps_flushed_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        {
-            let store = Store::open(&path).unwrap();
-            let mut batch = WriteBatch::default();
-            batch.add_marker(0, "m");
-            store.write(batch).unwrap();
-            futures_lite_block_on(store.flush()).unwrap();
-        }
+        let mut batch = WriteBatch::default();
+        batch.add_marker(0, "m");
+        write_flushed_and_close(&path, batch);
         let store = Store::open(&path).unwrap();
         assert!(store.has_marker(0, "m").unwrap());
     }
