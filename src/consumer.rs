@@ -516,7 +516,7 @@ impl PollLoop {
                             if a.first_offset.is_none() {
                                 a.first_offset = records.first().map(|r| r.origin.offset);
                             }
-                            deliver(&a.addr, &a.stats, records)
+                            deliver(&a.addr, &a.stats, &context.pipeline, records)
                         }
                         // Not ours any more: the new owner reads it again from the committed offset.
                         None => tracing::debug!(%tp, "records of an unassigned partition dropped"),

@@ -10,6 +10,7 @@ use aggregator_actors::dead_letter::{DeadLetterSink, DeadLetterer};
 use aggregator_actors::dedup_actor::{DedupActor, Release};
 use aggregator_actors::entity_actor::Passivate;
 use aggregator_actors::fault_injector::FaultInjector;
+use aggregator_actors::ledger::Ledger;
 use aggregator_actors::metrics::Metrics;
 use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
 use aggregator_actors::pipeline::Pipeline;
@@ -64,6 +65,7 @@ pub struct RunningService {
     consumer: ConsumerThread,
     http: actix_web::dev::ServerHandle,
     pub(crate) dedup: Addr<DedupActor>,
+    dedup_thread: Arbiter,
     pub(crate) committer: Addr<OffsetCommitter>,
     store_faults: FaultInjector,
     rule_faults: FaultInjector,
@@ -98,8 +100,11 @@ pub async fn start_with(
         Config::ms(config.tuning.commit_interval_ms),
     );
     let committer = Supervisor::start(move |_| committer);
+    let ledger = Arc::new(Ledger::new(store.clone(), topology.clone()));
     let mut dedup = DedupActor::new(
         store.clone(),
+        ledger.clone(),
+        Arbiter::current(),
         committer.clone().recipient(),
         topology.clone(),
         metrics.clone(),
@@ -111,13 +116,16 @@ pub async fn start_with(
         let reader = ChangelogRestorer::new(config).map_err(ChangelogSetupError::Kafka)?;
         restorer = Some((reader, store));
     }
-    let dedup = Supervisor::start(move |_| dedup);
+    // On a thread of its own: encoding views and reading the store leave the entity actors' thread.
+    let dedup_thread = Arbiter::new();
+    let dedup = Supervisor::start_in_arbiter(&dedup_thread.handle(), move |_| dedup);
     let pipeline = Arc::new(Pipeline {
         rules,
         limits: config.tuning.limits(),
         topology: topology.clone(),
         metrics: metrics.clone(),
         dedup: dedup.clone(),
+        ledger,
         committer: committer.clone(),
         dead_letters: DeadLetterer::new(
             dead_letters,
@@ -167,6 +175,7 @@ pub async fn start_with(
         consumer,
         http,
         dedup,
+        dedup_thread,
         committer,
         store_faults,
         rule_faults,
@@ -201,6 +210,7 @@ impl RunningService {
             .map_err(|_| StoreError::Released)??;
         self.committer.do_send(Shutdown);
         drop(store);
+        self.dedup_thread.stop();
         if self.checkpoint_on_shutdown {
             // The next start then opens the store at once instead of replaying all it wrote.
             let path = self.store_path;

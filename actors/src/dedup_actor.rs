@@ -1,17 +1,20 @@
-//! The dedup actor: owns the store, decides whether a message id was applied before, and writes
-//! each event's marker together with the view it produced in one atomic batch (group commit on an
-//! interval). Offsets complete only after the batch that covers them is flushed. Each batch's
-//! views go to the changelog first; the store write runs on a blocking thread while the actor
-//! stages the next batch, answering checks and loads from the batch in flight until it is stored.
+//! The dedup actor: owns the store and its ledger (see [`crate::ledger`], through which entity
+//! actors check message ids and stage their views), and writes each event's marker together with
+//! the view it produced in one atomic batch (group commit on an interval). Offsets complete only
+//! after the batch that covers them is flushed. Each batch's views go to the changelog first; the
+//! store write runs on a blocking thread while the ledger stages the next batch and answers checks
+//! and loads from the batch in flight until it is stored. It runs on a thread of its own, so that
+//! encoding views and reading the store do not take the entity actors' thread.
 //!
 //! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
-//! what it had staged lost. It then fences off every entity actor that may hold a view with
-//! effects that never reached the store, and has every partition rewound to its lowest unfinished
-//! offset; the records read again are checked against the store's markers, so none counts twice.
-//! A store write already running when it restarts is waited for, so that no view loaded after the
-//! restart misses an effect whose marker is stored.
+//! what it had staged lost: on the actors' thread, between two of their messages, it resets the
+//! ledger, fences off every entity actor that may hold a view with effects that never reached the
+//! store, and has every partition rewound to its lowest unfinished offset (a supervisor started
+//! before the reset routes nothing more); the records read again are checked against the store's
+//! markers, so none counts twice. A store write already running when it restarts is waited for,
+//! so that no view loaded after the restart misses an effect whose marker is stored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +25,7 @@ use std::future::Future;
 use crate::aggregate::Aggregate;
 use crate::changelog::{ChangelogRecord, ChangelogSink};
 use crate::kill::{injected_panic, Kill};
+use crate::ledger::{Ledger, Staged, Taken};
 use crate::metrics::Metrics;
 use crate::offset_committer::Completed;
 use crate::partition_supervisor::rewind_all_partitions;
@@ -29,65 +33,17 @@ use crate::record::Origin;
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::topology::Topology;
 
-/// A view shared by its entity actor (which folds into it) and the dedup actor (which writes it).
-pub type SharedAggregate = Arc<Mutex<Aggregate>>;
-
 /// Longest wait between retries of a failed flush.
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The current view of `key`: staged, stored, or new.
 #[derive(Message)]
-#[rtype(result = "Result<Aggregate, StoreError>")]
+#[rtype(result = "Result<Arc<Aggregate>, StoreError>")]
 pub struct Load {
     /// Entity key.
     pub key: String,
     /// Partition a new view belongs to.
     pub partition: i32,
-}
-
-/// Was `message_id` applied before? If so, the caller drops the event and its offset completes
-/// with the next flush.
-#[derive(Message)]
-#[rtype(result = "Result<Verdict, StoreError>")]
-pub struct Check {
-    /// Partition the marker lives in.
-    pub partition: i32,
-    /// The message id.
-    pub message_id: String,
-    /// The record being checked.
-    pub origin: Origin,
-    /// The asking entity actor's incarnation.
-    pub incarnation: u64,
-}
-
-/// The answer to [`Check`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not applied before: apply it and stage the result.
-    New,
-    /// Applied before: drop it.
-    Seen,
-    /// The asking actor was started before the dedup actor last restarted, so its view may hold
-    /// effects that were lost: it must stop without applying anything.
-    Stale,
-}
-
-/// The event `message_id` was applied to `view`: write both in the next batch.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stage {
-    /// Partition the marker lives in.
-    pub partition: i32,
-    /// The message id.
-    pub message_id: String,
-    /// The view after the event.
-    pub view: SharedAggregate,
-    /// The record applied.
-    pub origin: Origin,
-    /// Index of the event's source, for the `applied` count once the effect is stored.
-    pub source: usize,
-    /// The staging entity actor's incarnation.
-    pub incarnation: u64,
 }
 
 /// The current view of `key` if it exists (staged or stored), for readers such as the HTTP API.
@@ -109,51 +65,8 @@ pub struct Release;
 #[rtype(result = "Result<(), StoreError>")]
 pub struct FlushNow;
 
-/// Work applied since the last write: written together or not at all.
-#[derive(Default)]
-struct Staged {
-    /// Message ids by partition (nested so that a lookup needs no owned key).
-    markers: HashMap<i32, HashSet<String>>,
-    /// Views by key, with the message ids applied to each since its last write.
-    views: HashMap<String, (SharedAggregate, Vec<String>)>,
-    /// Records this write completes (applied or found to be duplicates).
-    done: Vec<Origin>,
-    /// Source index of every staged event: counted as applied when written, not before, so that
-    /// work lost with a restart is not counted.
-    applied: Vec<usize>,
-}
-
-impl Staged {
-    fn is_empty(&self) -> bool {
-        self.markers.is_empty() && self.views.is_empty() && self.done.is_empty()
-    }
-
-    /// Puts `older` (a write that failed) back in front of what was staged since.
-    fn put_back(&mut self, older: Staged) {
-        for (partition, ids) in older.markers {
-            self.markers.entry(partition).or_default().extend(ids);
-        }
-        for (key, (view, mut ids)) in older.views {
-            match self.views.entry(key) {
-                std::collections::hash_map::Entry::Occupied(mut newer) => {
-                    ids.append(&mut newer.get_mut().1);
-                    newer.get_mut().1 = ids;
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert((view, ids));
-                }
-            }
-        }
-        let mut done = older.done;
-        done.append(&mut self.done);
-        self.done = done;
-        self.applied.extend(older.applied);
-    }
-}
-
-/// A staged write, encoded: the store batch and the changelog records of its views.
+/// A taken write, encoded: the store batch and the changelog records of its views.
 struct Encoded {
-    staged: Staged,
     batch: WriteBatch,
     records: Vec<ChangelogRecord>,
 }
@@ -178,7 +91,7 @@ enum WriteFailure {
     Restarted,
 }
 
-/// Counts store writes running off the actix thread, so that a restarting dedup actor can wait
+/// Counts store writes running off the actor's thread, so that a restarting dedup actor can wait
 /// until none is: a view it loads afterwards then holds every effect whose marker is stored.
 #[derive(Default)]
 struct WriteGate {
@@ -216,21 +129,23 @@ impl Drop for Entered {
 /// The dedup actor.
 pub struct DedupActor {
     store: Option<Store>,
+    /// What is staged and being written, shared with the entity actors.
+    ledger: Arc<Ledger>,
     committer: Recipient<Completed>,
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
     interval: Duration,
     /// Where each written view is published first, if state follows partitions between instances.
     changelog: Option<Arc<dyn ChangelogSink>>,
-    staged: Staged,
-    /// The work of the write in flight, until it is stored.
-    writing: Option<Staged>,
     /// `FlushNow`s waiting for the next write.
     flush_waiters: Waiters,
     /// Store writes running on other threads.
     gate: Arc<WriteGate>,
-    /// Entity actors of this incarnation or older started before the last restart.
-    fence: u64,
+    /// The arbiter the entity actors and partition supervisors run on: a restart resets the ledger
+    /// there, between two of their messages.
+    actors: ArbiterHandle,
+    /// No write is taken before the ledger reaches this generation (a restart's reset is pending).
+    resume_at: u64,
     /// Restarts so far: a write whose changelog send resolves after a restart is dropped.
     epoch: u64,
     /// The same, for the write's future.
@@ -238,9 +153,12 @@ pub struct DedupActor {
 }
 
 impl DedupActor {
-    /// A dedup actor over `store`, flushing every `interval` and reporting to `committer`.
+    /// A dedup actor over `store` and its `ledger`, flushing every `interval` and reporting to
+    /// `committer`; the entity actors run on `actors`.
     pub fn new(
         store: Store,
+        ledger: Arc<Ledger>,
+        actors: ArbiterHandle,
         committer: Recipient<Completed>,
         topology: Arc<Topology>,
         metrics: Arc<Metrics>,
@@ -248,16 +166,16 @@ impl DedupActor {
     ) -> Self {
         DedupActor {
             store: Some(store),
+            ledger,
             committer,
             topology,
             metrics,
             interval,
             changelog: None,
-            staged: Staged::default(),
-            writing: None,
             flush_waiters: Vec::new(),
             gate: Arc::default(),
-            fence: 0,
+            actors,
+            resume_at: 0,
             epoch: 0,
             shared_epoch: Arc::default(),
         }
@@ -269,97 +187,70 @@ impl DedupActor {
         self
     }
 
-    fn stale(&self, incarnation: u64) -> bool {
-        incarnation <= self.fence
-    }
-
     fn store(&self) -> Result<&Store, StoreError> {
         self.store.as_ref().ok_or(StoreError::Released)
     }
 
-    /// The staged (or being written) view of `key`.
-    fn staged_view(&self, key: &str) -> Option<Aggregate> {
-        let (view, _) = self
-            .staged
-            .views
-            .get(key)
-            .or_else(|| self.writing.as_ref()?.views.get(key))?;
-        Some(view.lock().unwrap_or_else(|p| p.into_inner()).clone())
-    }
-
-    /// Whether `message_id` of `partition` is staged or being written.
-    fn staged_marker(&self, partition: i32, message_id: &str) -> bool {
-        [Some(&self.staged), self.writing.as_ref()]
-            .into_iter()
-            .flatten()
-            .any(|s| {
-                s.markers
-                    .get(&partition)
-                    .is_some_and(|ids| ids.contains(message_id))
-            })
-    }
-
-    /// Encodes what is staged into a store batch and changelog records, and takes it; `None` if
-    /// nothing is staged. On failure everything stays staged.
-    fn encode_staged(&mut self) -> Result<Option<Encoded>, StoreError> {
-        if self.staged.is_empty() {
-            return Ok(None);
+    /// The current view of `key`: staged, being written, or stored.
+    fn current_view(&self, key: &str) -> Result<Option<Arc<Aggregate>>, StoreError> {
+        if let Some(view) = self.ledger.view(key) {
+            return Ok(Some(view));
         }
+        Ok(self.store()?.load(key)?.map(Arc::new))
+    }
+
+    /// Encodes a taken write into a store batch and changelog records.
+    fn encode(&self, staged: &Staged) -> Result<Encoded, StoreError> {
         let mut batch = WriteBatch::default();
         let mut records = Vec::new();
-        for (partition, ids) in &self.staged.markers {
+        for (partition, ids) in &staged.markers {
             for id in ids {
                 batch.add_marker(*partition, id);
             }
         }
         let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());
-        for (view, markers) in self.staged.views.values() {
-            let view = view.lock().unwrap_or_else(|p| p.into_inner());
-            let json = serde_json::to_vec(&*view).map_err(encode_error)?;
+        for (view, markers) in staged.views.values() {
+            let json = serde_json::to_vec(&**view).map_err(encode_error)?;
             if self.changelog.is_some() {
-                records
-                    .push(ChangelogRecord::of_view(&view, &json, markers).map_err(encode_error)?);
+                records.push(ChangelogRecord::of_view(view, &json, markers).map_err(encode_error)?);
             }
             batch.put_encoded_view(view.partition, &view.key, json);
         }
-        Ok(Some(Encoded {
-            staged: std::mem::take(&mut self.staged),
-            batch,
-            records,
-        }))
+        Ok(Encoded { batch, records })
     }
 
-    /// Writes what is staged, off the actix thread: to the changelog first, then (once the broker
-    /// has it) to the store in one atomic batch; then flushes and completes the records it covers.
-    /// One write is in flight at a time; meanwhile its work answers checks and loads from memory.
+    /// Writes what is staged, off the actor's thread: to the changelog first, then (once the
+    /// broker has it) to the store in one atomic batch; then flushes and completes the records it
+    /// covers. One write is in flight at a time; meanwhile the ledger answers checks and loads
+    /// from its work.
     fn write_staged(&mut self, ctx: &mut Context<Self>) {
-        if self.writing.is_some() {
-            return; // the write in flight starts the next one when it ends
+        if self.ledger.is_writing() || self.ledger.generation() < self.resume_at {
+            return; // the write in flight, or the reset, is followed by the next tick's
         }
         let waiters = std::mem::take(&mut self.flush_waiters);
-        let encoded = match self.encode_staged() {
-            Ok(Some(encoded)) => encoded,
-            Ok(None) => {
-                if !waiters.is_empty() {
-                    self.flush_then(ctx, Vec::new(), waiters);
-                }
-                return;
-            }
-            Err(e) => return notify_all(waiters, Err(e)),
-        };
-        let Encoded {
-            mut staged,
-            mut batch,
-            records,
-        } = encoded;
         let Some(store) = self.store.clone() else {
-            self.staged.put_back(staged);
             return notify_all(waiters, Err(StoreError::Released));
         };
-        // Counted once stored, even if the actor restarts meanwhile: those events are in the
-        // store, and read again they are dropped as duplicates.
-        let applied = std::mem::take(&mut staged.applied);
-        self.writing = Some(staged);
+        let Some(taken) = self.ledger.take() else {
+            if !waiters.is_empty() {
+                self.flush_then(ctx, Vec::new(), waiters);
+            }
+            return;
+        };
+        let Taken {
+            generation,
+            staged,
+            done,
+            applied,
+        } = taken;
+        let Encoded { mut batch, records } = match self.encode(&staged) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                self.ledger.put_back(generation, done, applied);
+                return notify_all(waiters, Err(e));
+            }
+        };
+        drop(staged);
         let sent = records.len() as u64;
         let (topology, metrics) = (self.topology.clone(), self.metrics.clone());
         let send = match &self.changelog {
@@ -380,7 +271,7 @@ impl DedupActor {
                 batch.set_changelog_offset(partition, next);
             }
             let (markers, views) = (batch.markers as u64, batch.views as u64);
-            // Entered here, on the actix thread, so that a restart can wait for it to end.
+            // Entered here, on the actor's thread, so that a restart can wait for it to end.
             let entered = gate.enter();
             // Counted by the blocking task itself: the actor may restart, and drop this future,
             // while the write runs to its end.
@@ -417,19 +308,12 @@ impl DedupActor {
                     Err(StoreError::Write("the dedup actor restarted".into())),
                 );
             }
-            let Some(mut staged) = act.writing.take() else {
-                return;
-            };
             match res {
                 Ok(()) => {
-                    act.topology
-                        .dedup
-                        .pending
-                        .store(act.staged.applied.len() as u64, Ordering::Relaxed);
-                    act.flush_then(ctx, staged.done, waiters);
+                    act.ledger.written(generation);
+                    act.flush_then(ctx, done, waiters);
                 }
                 Err((failure, applied)) => {
-                    staged.applied = applied;
                     let e = match failure {
                         WriteFailure::Changelog(e) => {
                             act.metrics.fault("changelog");
@@ -443,7 +327,7 @@ impl DedupActor {
                     };
                     tracing::warn!("write failed, will retry: {e}");
                     act.topology.dedup.set_fault(Some(e.to_string()));
-                    act.staged.put_back(staged);
+                    act.ledger.put_back(generation, done, applied);
                     notify_all(waiters, Err(e));
                 }
             }
@@ -518,22 +402,25 @@ impl Supervised for DedupActor {
             return; // released at shutdown: nothing to recover
         }
         tracing::warn!(
-            staged = self.staged.done.len(),
             "dedup actor restarted; its staged work is lost and every partition is rewound"
         );
-        self.staged = Staged::default();
-        self.writing = None;
         self.epoch += 1;
         self.shared_epoch.store(self.epoch, Ordering::Relaxed);
         // A write already under way lands first, so that views loaded from now on hold it.
         self.gate.wait_idle();
-        self.topology.dedup.pending.store(0, Ordering::Relaxed);
         self.topology.dedup.restarts.fetch_add(1, Ordering::Relaxed);
         self.metrics.actor_restarts("dedup");
-        let entities = &self.topology.entities;
-        self.fence = entities.last_incarnation();
-        entities.passivate_all();
-        rewind_all_partitions(&self.topology);
+        // On the actors' thread, as one step between two of their messages: no entity actor
+        // stages into the ledger once it is reset, and every partition supervisor is told to die
+        // before it handles another record. Nothing is written until then.
+        self.resume_at = self.ledger.generation() + 1;
+        let (ledger, topology) = (self.ledger.clone(), self.topology.clone());
+        self.actors.spawn(async move {
+            let entities = &topology.entities;
+            ledger.reset(|| entities.last_incarnation());
+            entities.passivate_all();
+            rewind_all_partitions(&topology);
+        });
     }
 }
 
@@ -548,68 +435,12 @@ impl Handler<Kill> for DedupActor {
 }
 
 impl Handler<Load> for DedupActor {
-    type Result = Result<Aggregate, StoreError>;
+    type Result = Result<Arc<Aggregate>, StoreError>;
 
     fn handle(&mut self, msg: Load, _: &mut Self::Context) -> Self::Result {
-        if let Some(view) = self.staged_view(&msg.key) {
-            return Ok(view);
-        }
         Ok(self
-            .store()?
-            .load(&msg.key)?
-            .unwrap_or_else(|| Aggregate::new(msg.key, msg.partition)))
-    }
-}
-
-impl Handler<Check> for DedupActor {
-    type Result = Result<Verdict, StoreError>;
-
-    fn handle(&mut self, msg: Check, _: &mut Self::Context) -> Self::Result {
-        if self.stale(msg.incarnation) {
-            return Ok(Verdict::Stale);
-        }
-        let stats = &self.topology.dedup;
-        stats.checks.fetch_add(1, Ordering::Relaxed);
-        let seen = self.staged_marker(msg.partition, &msg.message_id)
-            || self.store()?.has_marker(msg.partition, &msg.message_id)?;
-        if seen {
-            stats.hits.fetch_add(1, Ordering::Relaxed);
-            self.staged.done.push(msg.origin);
-            return Ok(Verdict::Seen);
-        }
-        Ok(Verdict::New)
-    }
-}
-
-impl Handler<Stage> for DedupActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Stage, _: &mut Self::Context) {
-        if self.stale(msg.incarnation) {
-            return; // the record is read again and applied by a new actor
-        }
-        let key = msg
-            .view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .key
-            .clone();
-        let staged = &mut self.staged;
-        staged
-            .markers
-            .entry(msg.partition)
-            .or_default()
-            .insert(msg.message_id.clone());
-        let (view, markers) = staged
-            .views
-            .entry(key)
-            .or_insert_with(|| (msg.view.clone(), Vec::new()));
-        // A new actor of the same key (after passivation) stages its own view object.
-        *view = msg.view;
-        markers.push(msg.message_id);
-        staged.done.push(msg.origin);
-        staged.applied.push(msg.source);
-        self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
+            .current_view(&msg.key)?
+            .unwrap_or_else(|| Arc::new(Aggregate::new(msg.key, msg.partition))))
     }
 }
 
@@ -628,10 +459,7 @@ impl Handler<Peek> for DedupActor {
     type Result = Result<Option<Aggregate>, StoreError>;
 
     fn handle(&mut self, msg: Peek, _: &mut Self::Context) -> Self::Result {
-        if let Some(view) = self.staged_view(&msg.key) {
-            return Ok(Some(view));
-        }
-        self.store()?.load(&msg.key)
+        Ok(self.current_view(&msg.key)?.map(Arc::unwrap_or_clone))
     }
 }
 
@@ -642,6 +470,7 @@ impl Handler<Release> for DedupActor {
         let flushed = self.handle(FlushNow, ctx);
         Box::pin(flushed.map(|res, act, _| {
             res?;
+            act.ledger.release();
             act.store.take().ok_or(StoreError::Released)
         }))
     }

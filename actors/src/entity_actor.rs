@@ -1,15 +1,18 @@
 //! The entity actor: one per entity key. Its mailbox is the ordering guarantee: it applies its
-//! events one at a time, asking the dedup actor before each, and passivates when idle.
+//! events one at a time, checking each against the dedup actor's ledger and staging the view it
+//! produced there, and passivates when idle.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::dedup_actor::{Check, Load, SharedAggregate, Stage, Verdict};
+use crate::aggregate::Aggregate;
+use crate::dedup_actor::Load;
 use crate::envelope::{Event, Rejection};
 use crate::kill::{injected_panic, Kill};
+use crate::ledger::{Stage, Verdict};
 use crate::partition_supervisor::ReplayEntity;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
@@ -39,7 +42,8 @@ pub struct EntityActor {
     partition: i32,
     /// Which actor of the key this is; the dedup actor refuses work of incarnations it fenced off.
     incarnation: u64,
-    view: Option<SharedAggregate>,
+    /// Shared with the ledger while it is staged: copied before the next change if still so.
+    view: Option<Arc<Aggregate>>,
     pipeline: Arc<Pipeline>,
     mailbox: Arc<AtomicUsize>,
     last_active: Instant,
@@ -68,34 +72,25 @@ impl EntityActor {
         }
     }
 
-    /// Asks the dedup actor about `apply`, retrying store faults with backoff; the actor takes no
+    /// Checks `apply` against the ledger, retrying store faults with backoff; the actor takes no
     /// other message meanwhile, so the order of events is kept.
     fn check(&mut self, apply: Apply, delay: Duration, ctx: &mut Context<Self>) {
-        let check = Check {
-            partition: self.partition,
-            message_id: apply.event.message_id.clone(),
-            origin: apply.event.origin.clone(),
-            incarnation: self.incarnation,
-        };
-        let request = self.pipeline.dedup.send(check);
-        ctx.wait(
-            request
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(Ok(Verdict::Stale)) => {
-                        // The dedup actor restarted and lost what this actor staged: its view is
-                        // not durable. The partitions are rewound and a new actor takes over.
-                        tracing::debug!(key = %act.key, "fenced off by a restarted dedup actor");
-                        ctx.stop();
-                    }
-                    Ok(Ok(verdict)) => act.applied(apply, verdict == Verdict::Seen, ctx),
-                    Ok(Err(e)) => act.retry(apply, delay, e, ctx),
-                    Err(_) => {
-                        tracing::error!(key = %act.key, "dedup actor is gone; entity stops");
-                        ctx.stop();
-                    }
-                }),
+        let verdict = self.pipeline.ledger.check(
+            self.partition,
+            &apply.event.message_id,
+            &apply.event.origin,
+            self.incarnation,
         );
+        match verdict {
+            Ok(Verdict::Stale) => {
+                // The dedup actor restarted and lost what this actor staged: its view is not
+                // durable. The partitions are rewound and a new actor takes over.
+                tracing::debug!(key = %self.key, "fenced off by a restarted dedup actor");
+                ctx.stop();
+            }
+            Ok(verdict) => self.applied(apply, verdict == Verdict::Seen, ctx),
+            Err(e) => self.retry(apply, delay, e, ctx),
+        }
     }
 
     fn retry(&mut self, apply: Apply, delay: Duration, e: StoreError, ctx: &mut Context<Self>) {
@@ -134,24 +129,24 @@ impl EntityActor {
         let p = self.pipeline.clone();
         let view = self
             .view
-            .clone()
+            .as_mut()
             .expect("the view is loaded in started() before any message is handled");
         let folded = if p.rule_faults.take() {
             Err("injected rule fault".to_string())
         } else {
-            view.lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
+            // Copied first only if the ledger still holds the view staged by the last event.
+            Arc::make_mut(view)
                 .apply(&p.rules, &mut apply.event)
                 .map_err(|e| e.to_string())
         };
         let Apply { event, record } = apply;
         match folded {
             Ok(()) => {
-                p.dedup.do_send(Stage {
+                p.ledger.stage(Stage {
                     source: event.source,
                     partition: self.partition,
                     message_id: event.message_id,
-                    view,
+                    view: view.clone(),
                     origin: event.origin,
                     incarnation: self.incarnation,
                 });
@@ -182,6 +177,38 @@ impl EntityActor {
         }
     }
 
+    /// Loads the stored view from the dedup actor (on its own thread), retrying store faults with
+    /// backoff; the actor takes no message before it has its view.
+    fn load(&mut self, ctx: &mut Context<Self>) {
+        let dedup = self.pipeline.dedup.clone();
+        let (key, partition) = (self.key.clone(), self.partition);
+        let loading = async move {
+            let mut delay = Duration::from_millis(10);
+            loop {
+                let load = Load {
+                    key: key.clone(),
+                    partition,
+                };
+                match dedup.send(load).await {
+                    Ok(Ok(view)) => return Some(view),
+                    Ok(Err(e)) => {
+                        tracing::warn!(%key, "loading view failed, retrying in {delay:?}: {e}");
+                        actix::clock::sleep(delay).await;
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                    Err(_) => return None,
+                }
+            }
+        };
+        ctx.wait(loading.into_actor(self).map(|view, act, ctx| match view {
+            Some(view) => {
+                act.partition = view.partition;
+                act.view = Some(view);
+            }
+            None => ctx.stop(),
+        }));
+    }
+
     fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
         let idle = self.mailbox.load(Ordering::Relaxed) == 0
             && self.last_active.elapsed() >= self.pipeline.entity_idle;
@@ -200,42 +227,15 @@ impl Actor for EntityActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let dedup = self.pipeline.dedup.clone();
-        let load = Load {
-            key: self.key.clone(),
-            partition: self.partition,
-        };
-        let key = self.key.clone();
-        let loading = async move {
-            let mut delay = Duration::from_millis(10);
-            loop {
-                match dedup
-                    .send(Load {
-                        key: load.key.clone(),
-                        partition: load.partition,
-                    })
-                    .await
-                {
-                    Ok(Ok(view)) => return Some(view),
-                    Ok(Err(e)) => {
-                        tracing::warn!(%key, "loading view failed, retrying in {delay:?}: {e}");
-                        actix::clock::sleep(delay).await;
-                        delay = (delay * 2).min(RETRY_MAX);
-                    }
-                    Err(_) => return None,
-                }
-            }
-        };
-        ctx.wait(loading.into_actor(self).map(|view, act, ctx| match view {
-            Some(view) => {
-                act.partition = view.partition;
-                act.view = Some(Arc::new(Mutex::new(view)));
-            }
-            None => ctx.stop(),
-        }));
+        self.pipeline.metrics.entity_actors.inc();
+        if let Some(view) = self.pipeline.ledger.view(&self.key) {
+            self.partition = view.partition;
+            self.view = Some(view);
+        } else {
+            self.load(ctx);
+        }
         let tick = (self.pipeline.entity_idle / 2).max(Duration::from_millis(10));
         ctx.run_interval(tick, Self::passivate_if_idle);
-        self.pipeline.metrics.entity_actors.inc();
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {

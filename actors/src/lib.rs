@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod fault_injector;
 pub mod json_fields;
 pub mod kill;
+pub mod ledger;
 mod marker_index;
 pub mod metrics;
 pub mod offset_committer;

@@ -12,27 +12,48 @@ use actix::prelude::*;
 
 use crate::entity_actor::{Apply, EntityActor};
 use crate::entity_registry::EntityHandle;
-use crate::envelope::{parse, Event};
+use crate::envelope::{parse, Event, Rejection};
 use crate::kill::{injected_panic, Kill};
 use crate::offset_committer::{DrainPartition, Register};
 use crate::pipeline::Pipeline;
 use crate::record::{Record, TopicPartition};
 use crate::topology::{PartitionStats, Topology};
 
-/// Records of this partition, in offset order.
+/// Records of this partition, in offset order, parsed.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Deliver {
     /// The records.
-    pub records: Vec<Record>,
+    pub records: Vec<Parsed>,
 }
 
-/// Hands `records` (of one partition, in offset order) to its supervisor, counting them in flight
-/// first so that flow control sees records still queued in the supervisor's mailbox.
-pub fn deliver(addr: &Addr<PartitionSupervisor>, stats: &PartitionStats, records: Vec<Record>) {
+/// A record and what parsing it gave.
+pub struct Parsed {
+    /// The record as read.
+    pub record: Record,
+    /// Its event, or why it is dead-lettered.
+    pub event: Result<Event, Rejection>,
+}
+
+/// Parses `records` (of one partition, in offset order) on the calling thread, the consumer's,
+/// so that the actors' thread only routes them, and hands them to their supervisor, counting
+/// them in flight first so that flow control sees records still queued in its mailbox.
+pub fn deliver(
+    addr: &Addr<PartitionSupervisor>,
+    stats: &PartitionStats,
+    pipeline: &Pipeline,
+    records: Vec<Record>,
+) {
     stats
         .in_flight
         .fetch_add(records.len() as i64, Ordering::Relaxed);
+    let records = records
+        .into_iter()
+        .map(|record| Parsed {
+            event: parse(&record, &pipeline.rules, &pipeline.limits),
+            record,
+        })
+        .collect();
     addr.do_send(Deliver { records });
 }
 
@@ -117,19 +138,35 @@ pub struct PartitionSupervisor {
     stats: Arc<PartitionStats>,
     unfinished: Unfinished,
     died: bool,
+    /// The ledger's generation when it started: after a reset it routes nothing more, it dies.
+    generation: u64,
 }
 
 impl PartitionSupervisor {
     /// A supervisor of `tp`.
     pub fn new(tp: TopicPartition, pipeline: Arc<Pipeline>) -> Self {
         let stats = pipeline.topology.partition(&tp);
+        let generation = pipeline.ledger.generation();
         PartitionSupervisor {
             tp,
             pipeline,
             stats,
             unfinished: Unfinished::default(),
             died: false,
+            generation,
         }
+    }
+
+    /// Dies, to be rewound, if the dedup actor lost staged work since this supervisor started:
+    /// records it holds as finished may not be durable, and routing anything newer of their keys
+    /// would apply it ahead of them.
+    fn outlived_reset(&mut self, ctx: &mut Context<Self>) -> bool {
+        if self.pipeline.ledger.generation() == self.generation {
+            return false;
+        }
+        self.died = true;
+        ctx.stop();
+        true
     }
 
     /// The live actor of `key`, started if there is none.
@@ -238,13 +275,16 @@ impl Actor for PartitionSupervisor {
 impl Handler<Deliver> for PartitionSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        if self.outlived_reset(ctx) {
+            return;
+        }
         let Some(last) = msg.records.last() else {
             return;
         };
         self.stats
             .position
-            .store(last.origin.offset + 1, Ordering::Relaxed);
+            .store(last.record.origin.offset + 1, Ordering::Relaxed);
         self.unfinished
             .prune(self.stats.committable.load(Ordering::Relaxed));
         let p = self.pipeline.clone();
@@ -253,15 +293,15 @@ impl Handler<Deliver> for PartitionSupervisor {
             offsets: msg
                 .records
                 .iter()
-                .map(|r| (r.origin.offset, r.timestamp_ms.unwrap_or(0)))
+                .map(|p| (p.record.origin.offset, p.record.timestamp_ms.unwrap_or(0)))
                 .collect(),
         });
         let source = p.rules.source_for_topic(&self.tp.topic);
-        for record in msg.records {
+        for Parsed { record, event } in msg.records {
             if let Some(s) = source {
                 p.metrics.source(s).consumed.inc();
             }
-            match parse(&record, &p.rules, &p.limits) {
+            match event {
                 Ok(event) => self.route(event, record),
                 Err(rejection) => {
                     let name = source.map_or_else(
@@ -278,7 +318,10 @@ impl Handler<Deliver> for PartitionSupervisor {
 impl Handler<ReplayEntity> for PartitionSupervisor {
     type Result = ();
 
-    fn handle(&mut self, msg: ReplayEntity, _: &mut Self::Context) {
+    fn handle(&mut self, msg: ReplayEntity, ctx: &mut Self::Context) {
+        if self.outlived_reset(ctx) {
+            return;
+        }
         self.unfinished
             .prune(self.stats.committable.load(Ordering::Relaxed));
         if self.unfinished.by_key.contains_key(&msg.key) {

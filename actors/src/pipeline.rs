@@ -10,6 +10,7 @@ use crate::dead_letter::DeadLetterer;
 use crate::dedup_actor::DedupActor;
 use crate::envelope::ParseLimits;
 use crate::fault_injector::FaultInjector;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::offset_committer::OffsetCommitter;
 use crate::rules::Rules;
@@ -27,6 +28,8 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// The dedup actor.
     pub dedup: Addr<DedupActor>,
+    /// The dedup actor's ledger, where entity actors check message ids and stage their views.
+    pub ledger: Arc<Ledger>,
     /// The offset committer.
     pub committer: Addr<OffsetCommitter>,
     /// Where unprocessable records go.

@@ -1,0 +1,371 @@
+//! The ledger: what the dedup actor has staged and is writing, that is the message ids applied
+//! and the views they produced since the last write. Entity actors check a message id and stage
+//! their view through it by a call, not a message, so that an event costs no round trip to the
+//! dedup actor, which runs on a thread of its own and only writes what the ledger hands it.
+//!
+//! A message id is seen before if it is staged, in the write under way, or in the store's window;
+//! one lock covers the first two, and a write leaves the ledger only once the store has it, so
+//! that a message id is always in one of the three places.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::aggregate::Aggregate;
+use crate::record::Origin;
+use crate::store::{Store, StoreError};
+use crate::topology::Topology;
+
+/// The answer to a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not applied before: apply it and stage the result.
+    New,
+    /// Applied before: drop it; its offset completes with the next write.
+    Seen,
+    /// The asking actor was started before the dedup actor last restarted, so its view may hold
+    /// effects that were lost: it must stop without applying anything.
+    Stale,
+}
+
+/// The event `message_id` was applied to `view`: write both in the next batch.
+pub struct Stage {
+    /// Partition the marker lives in.
+    pub partition: i32,
+    /// The message id.
+    pub message_id: String,
+    /// The view after the event; the entity actor copies it before its next change if the ledger
+    /// still holds it.
+    pub view: Arc<Aggregate>,
+    /// The record applied.
+    pub origin: Origin,
+    /// Index of the event's source, for the `applied` count once the effect is stored.
+    pub source: usize,
+    /// The staging entity actor's incarnation.
+    pub incarnation: u64,
+}
+
+/// Work applied since the last write: written together or not at all.
+#[derive(Default)]
+pub(crate) struct Staged {
+    /// Message ids by partition (nested so that a lookup needs no owned key).
+    pub(crate) markers: HashMap<i32, HashSet<String>>,
+    /// Views by key, with the message ids applied to each since its last write.
+    pub(crate) views: HashMap<String, (Arc<Aggregate>, Vec<String>)>,
+}
+
+impl Staged {
+    fn is_empty(&self) -> bool {
+        self.markers.is_empty() && self.views.is_empty()
+    }
+
+    fn has_marker(&self, partition: i32, message_id: &str) -> bool {
+        self.markers
+            .get(&partition)
+            .is_some_and(|ids| ids.contains(message_id))
+    }
+
+    /// Puts `older` (a write that failed) back in front of what was staged since.
+    fn put_back(&mut self, older: Staged) {
+        for (partition, ids) in older.markers {
+            self.markers.entry(partition).or_default().extend(ids);
+        }
+        for (key, (view, mut ids)) in older.views {
+            match self.views.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut newer) => {
+                    ids.append(&mut newer.get_mut().1);
+                    newer.get_mut().1 = ids;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert((view, ids));
+                }
+            }
+        }
+    }
+}
+
+/// A write taken from the ledger: its markers and views, and what it completes.
+pub(crate) struct Taken {
+    /// The ledger's generation when it was taken: a reset since has forgotten it.
+    pub(crate) generation: u64,
+    /// Markers and views, also answering checks and loads until the write ends.
+    pub(crate) staged: Arc<Staged>,
+    /// Records the write completes (applied or found to be duplicates).
+    pub(crate) done: Vec<Origin>,
+    /// Source index of every staged event: counted as applied when written, not before, so that
+    /// work lost with a restart is not counted.
+    pub(crate) applied: Vec<usize>,
+}
+
+#[derive(Default)]
+struct State {
+    staged: Staged,
+    done: Vec<Origin>,
+    applied: Vec<usize>,
+    writing: Option<Arc<Staged>>,
+    /// Entity actors of this incarnation or older were started before the last restart.
+    fence: u64,
+    /// For its marker window; `None` once the store is handed back at shutdown, so that the
+    /// ledger does not keep it open.
+    store: Option<Store>,
+}
+
+/// The dedup actor's ledger, shared with the entity actors.
+pub struct Ledger {
+    state: Mutex<State>,
+    /// Resets so far: a partition supervisor started before the last one routes nothing more.
+    generation: AtomicU64,
+    topology: Arc<Topology>,
+}
+
+impl Ledger {
+    /// A ledger over `store`, counting checks and staged work in `topology`.
+    pub fn new(store: Store, topology: Arc<Topology>) -> Self {
+        Ledger {
+            state: Mutex::new(State {
+                store: Some(store),
+                ..State::default()
+            }),
+            generation: AtomicU64::new(0),
+            topology,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Was `message_id` of `partition` applied before? A duplicate's `origin` completes with the
+    /// next write.
+    pub fn check(
+        &self,
+        partition: i32,
+        message_id: &str,
+        origin: &Origin,
+        incarnation: u64,
+    ) -> Result<Verdict, StoreError> {
+        let mut state = self.lock();
+        if incarnation <= state.fence {
+            return Ok(Verdict::Stale);
+        }
+        let Some(store) = &state.store else {
+            return Err(StoreError::Released);
+        };
+        let stats = &self.topology.dedup;
+        stats.checks.fetch_add(1, Ordering::Relaxed);
+        let seen = state.staged.has_marker(partition, message_id)
+            || state
+                .writing
+                .as_ref()
+                .is_some_and(|w| w.has_marker(partition, message_id))
+            || store.has_marker(partition, message_id)?;
+        if seen {
+            stats.hits.fetch_add(1, Ordering::Relaxed);
+            state.done.push(origin.clone());
+            return Ok(Verdict::Seen);
+        }
+        Ok(Verdict::New)
+    }
+
+    /// Stages an applied event; `false` if the actor is fenced off (its record is read again and
+    /// applied by a new actor).
+    pub fn stage(&self, msg: Stage) -> bool {
+        let mut state = self.lock();
+        if msg.incarnation <= state.fence {
+            return false;
+        }
+        let state = &mut *state;
+        state
+            .staged
+            .markers
+            .entry(msg.partition)
+            .or_default()
+            .insert(msg.message_id.clone());
+        match state.staged.views.get_mut(&msg.view.key) {
+            Some((view, markers)) => {
+                *view = msg.view;
+                markers.push(msg.message_id);
+            }
+            None => {
+                let key = msg.view.key.clone();
+                state
+                    .staged
+                    .views
+                    .insert(key, (msg.view, vec![msg.message_id]));
+            }
+        }
+        state.done.push(msg.origin);
+        state.applied.push(msg.source);
+        self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// The staged (or being written) view of `key`.
+    pub fn view(&self, key: &str) -> Option<Arc<Aggregate>> {
+        let state = self.lock();
+        let (view, _) = state
+            .staged
+            .views
+            .get(key)
+            .or_else(|| state.writing.as_ref()?.views.get(key))?;
+        Some(view.clone())
+    }
+
+    /// Whether a write is under way.
+    pub(crate) fn is_writing(&self) -> bool {
+        self.lock().writing.is_some()
+    }
+
+    /// Takes what is staged as the write under way; `None` if nothing is staged or a write is
+    /// already under way.
+    pub(crate) fn take(&self) -> Option<Taken> {
+        let mut state = self.lock();
+        if state.writing.is_some() || (state.staged.is_empty() && state.done.is_empty()) {
+            return None;
+        }
+        let staged = Arc::new(std::mem::take(&mut state.staged));
+        state.writing = Some(staged.clone());
+        self.topology.dedup.pending.store(0, Ordering::Relaxed);
+        Some(Taken {
+            generation: self.generation(),
+            staged,
+            done: std::mem::take(&mut state.done),
+            applied: std::mem::take(&mut state.applied),
+        })
+    }
+
+    /// Resets so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The write taken in `generation` is in the store: it no longer answers checks and loads.
+    pub(crate) fn written(&self, generation: u64) {
+        let mut state = self.lock();
+        if self.generation() == generation {
+            state.writing = None;
+        }
+    }
+
+    /// The write taken in `generation` failed: its work goes back in front of what was staged
+    /// since, to be written again.
+    pub(crate) fn put_back(&self, generation: u64, done: Vec<Origin>, applied: Vec<usize>) {
+        let mut state = self.lock();
+        if self.generation() != generation {
+            return;
+        }
+        let Some(writing) = state.writing.take() else {
+            return;
+        };
+        let older = Arc::try_unwrap(writing).unwrap_or_else(|shared| Staged {
+            markers: shared.markers.clone(),
+            views: shared.views.clone(),
+        });
+        let pending = applied.len() as u64;
+        state.staged.put_back(older);
+        let mut all = done;
+        all.append(&mut state.done);
+        state.done = all;
+        state.applied.extend(applied);
+        self.topology
+            .dedup
+            .pending
+            .fetch_add(pending, Ordering::Relaxed);
+    }
+
+    /// Forgets what is staged and being written (the dedup actor restarted and lost it) and
+    /// fences off every entity actor up to `fence`, in one step: an actor started later finds
+    /// nothing here and loads its view from the store. Runs on the actors' thread, so that no
+    /// actor is midway through an event meanwhile.
+    pub fn reset(&self, fence: impl FnOnce() -> u64) {
+        let mut state = self.lock();
+        *state = State {
+            fence: fence(),
+            store: state.store.take(),
+            ..State::default()
+        };
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.topology.dedup.pending.store(0, Ordering::Relaxed);
+    }
+
+    /// The store was handed back: checks fail from now on.
+    pub(crate) fn release(&self) {
+        self.lock().store = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::TopicPartition;
+
+    fn ledger() -> (Ledger, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        (Ledger::new(store, Arc::default()), dir)
+    }
+
+    fn origin(offset: i64) -> Origin {
+        Origin {
+            tp: TopicPartition::new("t", 0),
+            offset,
+        }
+    }
+
+    fn stage(ledger: &Ledger, id: &str, incarnation: u64) -> bool {
+        ledger.stage(Stage {
+            partition: 0,
+            message_id: id.into(),
+            view: Arc::new(Aggregate::new("k", 0)),
+            origin: origin(0),
+            source: 0,
+            incarnation,
+        })
+    }
+
+    #[test]
+    fn a_message_id_is_seen_while_staged_and_while_being_written() {
+        let (l, _dir) = ledger();
+        assert_eq!(l.check(0, "m1", &origin(0), 1).ok(), Some(Verdict::New));
+        assert!(stage(&l, "m1", 1));
+        assert_eq!(l.check(0, "m1", &origin(1), 1).ok(), Some(Verdict::Seen));
+        assert_eq!(l.check(1, "m1", &origin(1), 1).ok(), Some(Verdict::New));
+        let taken = l.take().expect("something is staged");
+        assert_eq!(taken.done.len(), 2, "the staged event and the duplicate");
+        assert!(l.take().is_none(), "one write at a time");
+        assert_eq!(l.check(0, "m1", &origin(2), 1).ok(), Some(Verdict::Seen));
+        assert!(l.view("k").is_some());
+        l.put_back(taken.generation, taken.done, taken.applied);
+        let again = l.take().expect("put back");
+        assert_eq!(
+            again.done.len(),
+            3,
+            "the failed write's records come first, then the new"
+        );
+        assert!(again.staged.has_marker(0, "m1"));
+    }
+
+    #[test]
+    fn a_reset_forgets_staged_work_and_fences_off_older_actors() {
+        let (l, _dir) = ledger();
+        assert!(stage(&l, "m1", 3));
+        let taken = l.take().expect("staged");
+        assert!(stage(&l, "m2", 4));
+        l.reset(|| 3);
+        assert_eq!(l.generation(), 1);
+        l.put_back(taken.generation, taken.done, taken.applied);
+        assert!(
+            l.take().is_none(),
+            "a write taken before the reset is not put back"
+        );
+        assert!(l.view("k").is_none());
+        assert_eq!(l.check(0, "m1", &origin(0), 3).ok(), Some(Verdict::Stale));
+        assert!(!stage(&l, "m2", 3), "a fenced-off actor stages nothing");
+        assert_eq!(l.check(0, "m1", &origin(0), 4).ok(), Some(Verdict::New));
+        l.release();
+        assert!(matches!(
+            l.check(0, "m1", &origin(0), 4),
+            Err(StoreError::Released)
+        ));
+    }
+}
