@@ -611,6 +611,10 @@ impl PollLoop {
             }
         }
         if resume.count() > 0 {
+            tracing::debug!(
+                partitions = resume.count(),
+                "resuming: in-flight window half empty"
+            );
             if let Err(e) = self.consumer.resume(&resume) {
                 tracing::warn!("resume failed: {e}");
             }

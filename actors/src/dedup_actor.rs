@@ -71,6 +71,26 @@ struct Encoded {
     records: Vec<ChangelogRecord>,
 }
 
+/// Encodes a taken write into a store batch and, with a changelog, its records.
+fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
+    let mut batch = WriteBatch::default();
+    let mut records = Vec::new();
+    for (partition, ids) in &staged.markers {
+        for id in ids {
+            batch.add_marker(*partition, id);
+        }
+    }
+    let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());
+    for (view, markers) in staged.views.values() {
+        let json = serde_json::to_vec(&**view).map_err(encode_error)?;
+        if changelog {
+            records.push(ChangelogRecord::of_view(view, &json, markers).map_err(encode_error)?);
+        }
+        batch.put_encoded_view(view.partition, &view.key, json);
+    }
+    Ok(Encoded { batch, records })
+}
+
 /// [`FlushNow`]s waiting for a write to be durable.
 type Waiters = Vec<tokio::sync::oneshot::Sender<Result<(), StoreError>>>;
 
@@ -199,26 +219,6 @@ impl DedupActor {
         Ok(self.store()?.load(key)?.map(Arc::new))
     }
 
-    /// Encodes a taken write into a store batch and changelog records.
-    fn encode(&self, staged: &Staged) -> Result<Encoded, StoreError> {
-        let mut batch = WriteBatch::default();
-        let mut records = Vec::new();
-        for (partition, ids) in &staged.markers {
-            for id in ids {
-                batch.add_marker(*partition, id);
-            }
-        }
-        let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());
-        for (view, markers) in staged.views.values() {
-            let json = serde_json::to_vec(&**view).map_err(encode_error)?;
-            if self.changelog.is_some() {
-                records.push(ChangelogRecord::of_view(view, &json, markers).map_err(encode_error)?);
-            }
-            batch.put_encoded_view(view.partition, &view.key, json);
-        }
-        Ok(Encoded { batch, records })
-    }
-
     /// Writes what is staged, off the actor's thread: to the changelog first, then (once the
     /// broker has it) to the store in one atomic batch; then flushes and completes the records it
     /// covers. One write is in flight at a time; meanwhile the ledger answers checks and loads
@@ -243,24 +243,30 @@ impl DedupActor {
             done,
             applied,
         } = taken;
-        let Encoded { mut batch, records } = match self.encode(&staged) {
-            Ok(encoded) => encoded,
-            Err(e) => {
-                self.ledger.put_back(generation, done, applied);
-                return notify_all(waiters, Err(e));
-            }
-        };
-        drop(staged);
-        let sent = records.len() as u64;
         let (topology, metrics) = (self.topology.clone(), self.metrics.clone());
-        let send = match &self.changelog {
-            Some(sink) if !records.is_empty() => sink.send(records),
-            _ => Box::pin(std::future::ready(Ok(HashMap::new()))),
-        };
+        let changelog = self.changelog.clone();
         let (epoch, shared_epoch, gate) =
             (self.epoch, self.shared_epoch.clone(), self.gate.clone());
         let write = async move {
-            let ends = match send.await {
+            // The views are snapshots the entity actors no longer change: encoded off this thread,
+            // which meanwhile answers loads.
+            let with_changelog = changelog.is_some();
+            let encoded =
+                tokio::task::spawn_blocking(move || encode(&staged, with_changelog)).await;
+            let Encoded { mut batch, records } = match encoded {
+                Ok(Ok(encoded)) => encoded,
+                Ok(Err(e)) => return Err((WriteFailure::Store(e), applied)),
+                Err(e) => {
+                    let e = StoreError::Write(e.to_string());
+                    return Err((WriteFailure::Store(e), applied));
+                }
+            };
+            let sent = records.len() as u64;
+            let ends = match &changelog {
+                Some(sink) if !records.is_empty() => sink.send(records).await,
+                _ => Ok(HashMap::new()),
+            };
+            let ends = match ends {
                 Ok(ends) => ends,
                 Err(e) => return Err((WriteFailure::Changelog(e), applied)),
             };
@@ -376,6 +382,11 @@ impl DedupActor {
                 .store_bytes
                 .store(store.size_on_disk(), Ordering::Relaxed);
             stats.set_fault(None);
+            tracing::debug!(
+                records = done.len(),
+                flush_ms = started.elapsed().as_millis() as u64,
+                "write durable"
+            );
             if !done.is_empty() {
                 committer.do_send(Completed { origins: done });
             }

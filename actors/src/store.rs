@@ -222,9 +222,16 @@ impl Store {
                 batch.insert(index_key(*partition, key), &[]);
             }
         }
+        let applying = Instant::now();
         self.db
             .apply_batch(batch)
             .map_err(|e| StoreError::Write(e.to_string()))?;
+        tracing::debug!(
+            views = viewed.len(),
+            markers = marked.len(),
+            ms = applying.elapsed().as_millis() as u64,
+            "store batch applied"
+        );
         let expired = plan.expired;
         lock(&self.markers).commit(plan);
         Ok(expired)
