@@ -203,14 +203,12 @@ impl RunningService {
         for h in self.topology.entities.handles() {
             h.addr.do_send(Passivate);
         }
-        let store = self
-            .dedup
-            .send(Release)
-            .await
-            .map_err(|_| StoreError::Released)??;
+        let released = self.dedup.send(Release).await;
+        // Its thread ends whether or not the store came back.
+        self.dedup_thread.stop();
+        let store = released.map_err(|_| StoreError::Released)??;
         self.committer.do_send(Shutdown);
         drop(store);
-        self.dedup_thread.stop();
         if self.checkpoint_on_shutdown {
             // The next start then opens the store at once instead of replaying all it wrote.
             let path = self.store_path;
