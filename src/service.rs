@@ -212,11 +212,13 @@ impl RunningService {
         if self.checkpoint_on_shutdown {
             // The next start then opens the store at once instead of replaying all it wrote.
             let path = self.store_path;
-            match actix_web::rt::task::spawn_blocking(move || Store::checkpoint(&path)).await {
-                Ok(Ok(took)) => tracing::info!(ms = took.as_millis() as u64, "store checkpointed"),
-                Ok(Err(e)) => {
-                    tracing::warn!("store not checkpointed, the next start recovers it: {e}")
-                }
+            let checkpointed =
+                actix_web::rt::task::spawn_blocking(move || Store::checkpoint(&path))
+                    .await
+                    .map_err(|panicked| panicked.to_string())
+                    .and_then(|result| result.map_err(|e| e.to_string()));
+            match checkpointed {
+                Ok(took) => tracing::info!(ms = took.as_millis() as u64, "store checkpointed"),
                 Err(e) => tracing::warn!("store not checkpointed, the next start recovers it: {e}"),
             }
         }

@@ -251,15 +251,12 @@ impl DedupActor {
             // The views are snapshots the entity actors no longer change: encoded off this thread,
             // which meanwhile answers loads.
             let with_changelog = changelog.is_some();
-            let encoded =
-                tokio::task::spawn_blocking(move || encode(&staged, with_changelog)).await;
+            let encoded = tokio::task::spawn_blocking(move || encode(&staged, with_changelog))
+                .await
+                .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
             let Encoded { mut batch, records } = match encoded {
-                Ok(Ok(encoded)) => encoded,
-                Ok(Err(e)) => return Err((WriteFailure::Store(e), applied)),
-                Err(e) => {
-                    let e = StoreError::Write(e.to_string());
-                    return Err((WriteFailure::Store(e), applied));
-                }
+                Ok(encoded) => encoded,
+                Err(e) => return Err((WriteFailure::Store(e), applied)),
             };
             let sent = records.len() as u64;
             let ends = match &changelog {

@@ -46,7 +46,7 @@ pub struct Stage {
 }
 
 /// Work applied since the last write: written together or not at all.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Staged {
     /// Message ids by partition (nested so that a lookup needs no owned key).
     pub(crate) markers: HashMap<i32, HashSet<String>>,
@@ -257,10 +257,8 @@ impl Ledger {
         let Some(writing) = state.writing.take() else {
             return;
         };
-        let older = Arc::try_unwrap(writing).unwrap_or_else(|shared| Staged {
-            markers: shared.markers.clone(),
-            views: shared.views.clone(),
-        });
+        // The encoder let go of its handle before the write could fail: nothing is copied.
+        let older = Arc::unwrap_or_clone(writing);
         let pending = applied.len() as u64;
         state.staged.put_back(older);
         let mut all = done;
