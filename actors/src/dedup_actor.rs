@@ -15,7 +15,8 @@
 //! so that no view loaded after the restart misses an effect whose marker is stored.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,9 +87,63 @@ fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
         if changelog {
             records.push(ChangelogRecord::of_view(view, &json, markers).map_err(encode_error)?);
         }
-        batch.put_encoded_view(view.partition, &view.key, json);
+        // Every stored view holds at least one event: one that holds only this write's is new.
+        let new = view.events_applied == markers.len() as u64;
+        batch.put_encoded_view(view.partition, &view.key, json, Some(new));
     }
     Ok(Encoded { batch, records })
+}
+
+/// A write encoded and its views sent to the changelog: the store batch, the number of records
+/// sent, and the changelog offset each changelog partition reached.
+type Prepared = (WriteBatch, u64, HashMap<i32, i64>);
+
+/// Encodes a write on a blocking thread (its views are snapshots the entity actors no longer
+/// change) and sends its views to the changelog, if any.
+async fn prepare(
+    staged: Arc<Staged>,
+    changelog: Option<Arc<dyn ChangelogSink>>,
+) -> Result<Prepared, WriteFailure> {
+    let with_changelog = changelog.is_some();
+    let encoded = tokio::task::spawn_blocking(move || encode(&staged, with_changelog))
+        .await
+        .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
+    let Encoded { batch, records } = encoded.map_err(WriteFailure::Store)?;
+    let sent = records.len() as u64;
+    let ends = match &changelog {
+        Some(sink) if !records.is_empty() => sink.send(records).await,
+        _ => Ok(HashMap::new()),
+    };
+    Ok((batch, sent, ends.map_err(WriteFailure::Changelog)?))
+}
+
+/// Text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the store write panicked".into())
+}
+
+/// Writes under way at most: one preparing while the one before it is in its store stage.
+const MAX_WRITES_IN_FLIGHT: usize = 2;
+
+/// Set while a write is being prepared: the next is taken only once it is done, so that each
+/// write carries what was staged while the one before it was prepared.
+struct Preparing(Arc<AtomicBool>);
+
+impl Preparing {
+    fn start(flag: &Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Release);
+        Preparing(flag.clone())
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// [`FlushNow`]s waiting for a write to be durable.
@@ -107,8 +162,10 @@ fn notify_all(waiters: Waiters, result: Result<(), StoreError>) {
 enum WriteFailure {
     Changelog(crate::changelog::ChangelogError),
     Store(StoreError),
-    /// The actor restarted while the changelog send was under way: the work is redone.
+    /// The actor restarted while the write was under way: the work is redone.
     Restarted,
+    /// An earlier write failed and put this one back with its own work.
+    PutBack,
 }
 
 /// Counts store writes running off the actor's thread, so that a restarting dedup actor can wait
@@ -170,6 +227,10 @@ pub struct DedupActor {
     epoch: u64,
     /// The same, for the write's future.
     shared_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// A write is being encoded and sent to the changelog.
+    preparing: Arc<AtomicBool>,
+    /// Resolves when the store stage of the last write taken ends: the next write's waits for it.
+    store_turn: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl DedupActor {
@@ -198,6 +259,8 @@ impl DedupActor {
             resume_at: 0,
             epoch: 0,
             shared_epoch: Arc::default(),
+            preparing: Arc::default(),
+            store_turn: None,
         }
     }
 
@@ -219,70 +282,95 @@ impl DedupActor {
         Ok(self.store()?.load(key)?.map(Arc::new))
     }
 
-    /// Writes what is staged, off the actor's thread: to the changelog first, then (once the
-    /// broker has it) to the store in one atomic batch; then flushes and completes the records it
-    /// covers. One write is in flight at a time; meanwhile the ledger answers checks and loads
-    /// from its work.
+    /// Writes what is staged, off the actor's thread, as a pipeline of two stages: encoding and
+    /// the changelog send of one write (the broker has it before the store does) overlap the
+    /// store stage of the write before it; store stages run one at a time, in the order the
+    /// writes were taken, and each is followed by a flush that completes the records it covers.
+    /// Meanwhile the ledger answers checks and loads from the writes under way.
     fn write_staged(&mut self, ctx: &mut Context<Self>) {
-        if self.ledger.is_writing() || self.ledger.generation() < self.resume_at {
-            return; // the write in flight, or the reset, is followed by the next tick's
+        if self.ledger.generation() < self.resume_at
+            || self.preparing.load(Ordering::Acquire)
+            || self.ledger.writes_in_flight() >= MAX_WRITES_IN_FLIGHT
+        {
+            return; // the next tick, or the end of a write, takes the next
         }
         let waiters = std::mem::take(&mut self.flush_waiters);
         let Some(store) = self.store.clone() else {
             return notify_all(waiters, Err(StoreError::Released));
         };
-        let Some(taken) = self.ledger.take() else {
-            if !waiters.is_empty() {
-                self.flush_then(ctx, Vec::new(), waiters);
+        let Some(Taken { seq, staged }) = self.ledger.take() else {
+            if self.ledger.writes_in_flight() == 0 {
+                if !waiters.is_empty() {
+                    self.flush_then(ctx, Vec::new(), waiters);
+                }
+            } else {
+                // Answered once the writes under way are durable, not before.
+                self.flush_waiters = waiters;
             }
             return;
         };
-        let Taken {
-            generation,
-            staged,
-            done,
-            applied,
-        } = taken;
         let (topology, metrics) = (self.topology.clone(), self.metrics.clone());
-        let changelog = self.changelog.clone();
+        let (ledger, changelog) = (self.ledger.clone(), self.changelog.clone());
         let (epoch, shared_epoch, gate) =
             (self.epoch, self.shared_epoch.clone(), self.gate.clone());
+        let preparing = Preparing::start(&self.preparing);
+        // This write's store stage follows the previous write's, which the next write waits for.
+        let (stored, store_turn) = tokio::sync::oneshot::channel::<()>();
+        let previous = self.store_turn.replace(store_turn);
         let write = async move {
-            // The views are snapshots the entity actors no longer change: encoded off this thread,
-            // which meanwhile answers loads.
-            let with_changelog = changelog.is_some();
-            let encoded = tokio::task::spawn_blocking(move || encode(&staged, with_changelog))
-                .await
-                .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
-            let Encoded { mut batch, records } = match encoded {
-                Ok(encoded) => encoded,
-                Err(e) => return Err((WriteFailure::Store(e), applied)),
-            };
-            let sent = records.len() as u64;
-            let ends = match &changelog {
-                Some(sink) if !records.is_empty() => sink.send(records).await,
-                _ => Ok(HashMap::new()),
-            };
-            let ends = match ends {
-                Ok(ends) => ends,
-                Err(e) => return Err((WriteFailure::Changelog(e), applied)),
-            };
-            if shared_epoch.load(Ordering::Relaxed) != epoch {
-                return Err((WriteFailure::Restarted, applied));
+            let started = Instant::now();
+            let prepared = prepare(staged, changelog).await;
+            let prepared_at = started.elapsed();
+            drop(preparing);
+            if let Some(previous) = previous {
+                let _ = previous.await; // resolves when that store stage ends, however it ends
             }
+            if shared_epoch.load(Ordering::Relaxed) != epoch {
+                return Err(WriteFailure::Restarted);
+            }
+            if !ledger.is_in_flight(seq) {
+                // An earlier write failed and took this one back with it.
+                return Err(WriteFailure::PutBack);
+            }
+            let (mut batch, sent, ends) = match prepared {
+                Ok(prepared) => prepared,
+                Err(failure) => {
+                    ledger.put_back(seq);
+                    return Err(failure);
+                }
+            };
             for (partition, next) in ends {
                 batch.set_changelog_offset(partition, next);
             }
             let (markers, views) = (batch.markers as u64, batch.views as u64);
             // Entered here, on the actor's thread, so that a restart can wait for it to end.
             let entered = gate.enter();
+            let ledger_after = ledger.clone();
             // Counted by the blocking task itself: the actor may restart, and drop this future,
             // while the write runs to its end.
             let written = tokio::task::spawn_blocking(move || {
                 let _entered = entered;
-                let expired = match store.write(batch) {
+                let _stored = stored;
+                let writing = Instant::now();
+                // A panic is caught here, so that the work is put back before the next write's
+                // store stage may begin.
+                let written = std::panic::catch_unwind(AssertUnwindSafe(|| store.write(batch)))
+                    .unwrap_or_else(|panic| Err(StoreError::Write(panic_message(&panic))));
+                let expired = match written {
                     Ok(expired) => expired,
-                    Err(e) => return Err((WriteFailure::Store(e), applied)),
+                    Err(e) => {
+                        ledger.put_back(seq);
+                        return Err(WriteFailure::Store(e));
+                    }
+                };
+                tracing::debug!(
+                    views,
+                    prepare_ms = prepared_at.as_millis() as u64,
+                    store_ms = writing.elapsed().as_millis() as u64,
+                    "write stored"
+                );
+                let Some((done, applied)) = ledger.written(seq) else {
+                    return Err(WriteFailure::Restarted);
                 };
                 let stats = &topology.dedup;
                 stats.changelog_sent.fetch_add(sent, Ordering::Relaxed);
@@ -292,17 +380,14 @@ impl DedupActor {
                 for source in applied {
                     metrics.source(source).applied.inc();
                 }
-                Ok(())
+                Ok(done)
             })
             .await;
-            match written {
-                Ok(result) => result,
-                // The write panicked: its work stays staged and is retried, uncounted.
-                Err(e) => Err((
-                    WriteFailure::Store(StoreError::Write(e.to_string())),
-                    Vec::new(),
-                )),
-            }
+            written.unwrap_or_else(|panicked| {
+                // Past the store write: nothing is left to put back unless it never ran.
+                ledger_after.put_back(seq);
+                Err(WriteFailure::Store(StoreError::Write(panicked.to_string())))
+            })
         };
         ctx.spawn(write.into_actor(self).map(move |res, act, ctx| {
             if act.epoch != epoch {
@@ -312,11 +397,8 @@ impl DedupActor {
                 );
             }
             match res {
-                Ok(()) => {
-                    act.ledger.written(generation);
-                    act.flush_then(ctx, done, waiters);
-                }
-                Err((failure, applied)) => {
+                Ok(done) => act.flush_then(ctx, done, waiters),
+                Err(failure) => {
                     let e = match failure {
                         WriteFailure::Changelog(e) => {
                             act.metrics.fault("changelog");
@@ -327,10 +409,12 @@ impl DedupActor {
                             e
                         }
                         WriteFailure::Restarted => StoreError::Write("restarted".into()),
+                        WriteFailure::PutBack => {
+                            StoreError::Write("an earlier write failed".into())
+                        }
                     };
                     tracing::warn!("write failed, will retry: {e}");
                     act.topology.dedup.set_fault(Some(e.to_string()));
-                    act.ledger.put_back(generation, done, applied);
                     notify_all(waiters, Err(e));
                 }
             }

@@ -7,7 +7,7 @@
 //! one lock covers the first two, and a write leaves the ledger only once the store has it, so
 //! that a message id is always in one of the three places.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -84,17 +84,23 @@ impl Staged {
     }
 }
 
-/// A write taken from the ledger: its markers and views, and what it completes.
+/// A write taken from the ledger.
 pub(crate) struct Taken {
-    /// The ledger's generation when it was taken: a reset since has forgotten it.
-    pub(crate) generation: u64,
+    /// Its place in the order of writes: the store applies them in this order.
+    pub(crate) seq: u64,
     /// Markers and views, also answering checks and loads until the write ends.
     pub(crate) staged: Arc<Staged>,
+}
+
+/// A write under way, answering checks and loads until the store has it.
+struct Writing {
+    seq: u64,
+    staged: Arc<Staged>,
     /// Records the write completes (applied or found to be duplicates).
-    pub(crate) done: Vec<Origin>,
+    done: Vec<Origin>,
     /// Source index of every staged event: counted as applied when written, not before, so that
     /// work lost with a restart is not counted.
-    pub(crate) applied: Vec<usize>,
+    applied: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -102,7 +108,11 @@ struct State {
     staged: Staged,
     done: Vec<Origin>,
     applied: Vec<usize>,
-    writing: Option<Arc<Staged>>,
+    /// Writes under way, oldest first.
+    writing: VecDeque<Writing>,
+    /// Sequence number of the next write taken; never reused, so that a write forgotten by a
+    /// reset finds nothing of its own afterwards.
+    next_seq: u64,
     /// Entity actors of this incarnation or older were started before the last restart.
     fence: u64,
     /// For its marker window; `None` once the store is handed back at shutdown, so that the
@@ -156,8 +166,8 @@ impl Ledger {
         let seen = state.staged.has_marker(partition, message_id)
             || state
                 .writing
-                .as_ref()
-                .is_some_and(|w| w.has_marker(partition, message_id))
+                .iter()
+                .any(|w| w.staged.has_marker(partition, message_id))
             || store.has_marker(partition, message_id)?;
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -200,38 +210,47 @@ impl Ledger {
         true
     }
 
-    /// The staged (or being written) view of `key`.
+    /// The staged (or being written) view of `key`: the latest.
     pub fn view(&self, key: &str) -> Option<Arc<Aggregate>> {
         let state = self.lock();
-        let (view, _) = state
-            .staged
-            .views
-            .get(key)
-            .or_else(|| state.writing.as_ref()?.views.get(key))?;
+        let (view, _) = state.staged.views.get(key).or_else(|| {
+            state
+                .writing
+                .iter()
+                .rev()
+                .find_map(|w| w.staged.views.get(key))
+        })?;
         Some(view.clone())
     }
 
-    /// Whether a write is under way.
-    pub(crate) fn is_writing(&self) -> bool {
-        self.lock().writing.is_some()
+    /// Number of writes under way.
+    pub(crate) fn writes_in_flight(&self) -> usize {
+        self.lock().writing.len()
     }
 
-    /// Takes what is staged as the write under way; `None` if nothing is staged or a write is
-    /// already under way.
+    /// Whether write `seq` is still under way (not written, put back or forgotten).
+    pub(crate) fn is_in_flight(&self, seq: u64) -> bool {
+        self.lock().writing.iter().any(|w| w.seq == seq)
+    }
+
+    /// Takes what is staged as a new write, after those under way; `None` if nothing is staged.
     pub(crate) fn take(&self) -> Option<Taken> {
         let mut state = self.lock();
-        if state.writing.is_some() || (state.staged.is_empty() && state.done.is_empty()) {
+        if state.staged.is_empty() && state.done.is_empty() {
             return None;
         }
         let staged = Arc::new(std::mem::take(&mut state.staged));
-        state.writing = Some(staged.clone());
-        self.topology.dedup.pending.store(0, Ordering::Relaxed);
-        Some(Taken {
-            generation: self.generation(),
-            staged,
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let writing = Writing {
+            seq,
+            staged: staged.clone(),
             done: std::mem::take(&mut state.done),
             applied: std::mem::take(&mut state.applied),
-        })
+        };
+        state.writing.push_back(writing);
+        self.topology.dedup.pending.store(0, Ordering::Relaxed);
+        Some(Taken { seq, staged })
     }
 
     /// Resets so far.
@@ -239,36 +258,44 @@ impl Ledger {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The write taken in `generation` is in the store: it no longer answers checks and loads.
-    pub(crate) fn written(&self, generation: u64) {
+    /// Write `seq`, the oldest under way, is in the store: it no longer answers checks and
+    /// loads. Returns the records it completes and the sources of the events it applied; `None`
+    /// if it is not the oldest write under way (a reset forgot it, or it was put back).
+    pub(crate) fn written(&self, seq: u64) -> Option<(Vec<Origin>, Vec<usize>)> {
         let mut state = self.lock();
-        if self.generation() == generation {
-            state.writing = None;
+        if state.writing.front()?.seq != seq {
+            return None;
         }
+        let w = state.writing.pop_front()?;
+        Some((w.done, w.applied))
     }
 
-    /// The write taken in `generation` failed: its work goes back in front of what was staged
-    /// since, to be written again.
-    pub(crate) fn put_back(&self, generation: u64, done: Vec<Origin>, applied: Vec<usize>) {
+    /// Write `seq` failed: its work, and that of every write taken after it (which holds newer
+    /// views of the same keys and must not land before it), goes back in front of what was
+    /// staged since, to be written again. Nothing happens if `seq` is no longer under way.
+    pub(crate) fn put_back(&self, seq: u64) {
         let mut state = self.lock();
-        if self.generation() != generation {
-            return;
-        }
-        let Some(writing) = state.writing.take() else {
+        let Some(at) = state.writing.iter().position(|w| w.seq == seq) else {
             return;
         };
-        // The encoder let go of its handle before the write could fail: nothing is copied.
-        let older = Arc::unwrap_or_clone(writing);
-        let pending = applied.len() as u64;
-        state.staged.put_back(older);
-        let mut all = done;
-        all.append(&mut state.done);
-        state.done = all;
-        state.applied.extend(applied);
-        self.topology
-            .dedup
-            .pending
-            .fetch_add(pending, Ordering::Relaxed);
+        let failed: Vec<Writing> = state.writing.drain(at..).collect();
+        // Newest first, each in front of what is staged: newer views of a key win.
+        for w in failed.into_iter().rev() {
+            // The encoder let go of its handle before the write could fail: nothing is copied.
+            let older = Arc::unwrap_or_clone(w.staged);
+            let pending = w.applied.len() as u64;
+            state.staged.put_back(older);
+            let mut done = w.done;
+            done.append(&mut state.done);
+            state.done = done;
+            let mut applied = w.applied;
+            applied.append(&mut state.applied);
+            state.applied = applied;
+            self.topology
+                .dedup
+                .pending
+                .fetch_add(pending, Ordering::Relaxed);
+        }
     }
 
     /// Forgets what is staged and being written (the dedup actor restarted and lost it) and
@@ -280,6 +307,7 @@ impl Ledger {
         *state = State {
             fence: fence(),
             store: state.store.take(),
+            next_seq: state.next_seq,
             ..State::default()
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -321,6 +349,19 @@ mod tests {
         })
     }
 
+    fn stage_view(ledger: &Ledger, id: &str, key: &str, events: u64) -> bool {
+        let mut view = Aggregate::new(key, 0);
+        view.events_applied = events;
+        ledger.stage(Stage {
+            partition: 0,
+            message_id: id.into(),
+            view: Arc::new(view),
+            origin: origin(0),
+            source: 0,
+            incarnation: 1,
+        })
+    }
+
     #[test]
     fn a_message_id_is_seen_while_staged_and_while_being_written() {
         let (l, _dir) = ledger();
@@ -329,18 +370,64 @@ mod tests {
         assert_eq!(l.check(0, "m1", &origin(1), 1).ok(), Some(Verdict::Seen));
         assert_eq!(l.check(1, "m1", &origin(1), 1).ok(), Some(Verdict::New));
         let taken = l.take().expect("something is staged");
-        assert_eq!(taken.done.len(), 2, "the staged event and the duplicate");
-        assert!(l.take().is_none(), "one write at a time");
+        assert!(l.take().is_none(), "nothing staged since");
+        assert_eq!(l.writes_in_flight(), 1);
         assert_eq!(l.check(0, "m1", &origin(2), 1).ok(), Some(Verdict::Seen));
         assert!(l.view("k").is_some());
-        l.put_back(taken.generation, taken.done, taken.applied);
+        l.put_back(taken.seq);
+        assert!(!l.is_in_flight(taken.seq));
+        let again = l.take().expect("put back");
+        assert!(again.staged.has_marker(0, "m1"));
+        let (done, applied) = l.written(again.seq).expect("the oldest write");
+        assert_eq!(
+            done.iter().map(|o| o.offset).collect::<Vec<_>>(),
+            vec![0, 1, 2],
+            "the failed write's records come first, then the duplicate found since"
+        );
+        assert_eq!(applied, vec![0]);
+        assert_eq!(l.writes_in_flight(), 0);
+        assert!(
+            l.view("k").is_none(),
+            "written views are read from the store"
+        );
+    }
+
+    #[test]
+    fn writes_in_flight_end_in_order_and_a_failed_one_takes_the_later_ones_back() {
+        let (l, _dir) = ledger();
+        assert!(stage_view(&l, "m1", "a", 1));
+        assert!(stage_view(&l, "m2", "b", 1));
+        let first = l.take().expect("staged");
+        assert!(stage_view(&l, "m3", "a", 2));
+        let second = l.take().expect("staged");
+        assert!(stage_view(&l, "m4", "a", 3));
+        assert_eq!(l.writes_in_flight(), 2);
+        for id in ["m1", "m2", "m3", "m4"] {
+            assert_eq!(
+                l.check(0, id, &origin(9), 1).ok(),
+                Some(Verdict::Seen),
+                "{id}"
+            );
+        }
+        assert_eq!(l.view("a").map(|v| v.events_applied), Some(3));
+        assert!(l.written(second.seq).is_none(), "not the oldest");
+        l.put_back(first.seq);
+        assert_eq!(l.writes_in_flight(), 0, "the later write went back too");
+        assert!(l.written(second.seq).is_none());
+        l.put_back(second.seq);
         let again = l.take().expect("put back");
         assert_eq!(
-            again.done.len(),
-            3,
-            "the failed write's records come first, then the new"
+            again.staged.views["a"].0.events_applied, 3,
+            "the newest view of a key wins"
         );
-        assert!(again.staged.has_marker(0, "m1"));
+        assert_eq!(again.staged.views["a"].1, vec!["m1", "m3", "m4"]);
+        assert_eq!(again.staged.views["b"].0.events_applied, 1);
+        let (done, applied) = l.written(again.seq).expect("oldest");
+        assert_eq!(
+            (done.len(), applied.len()),
+            (8, 4),
+            "four applied, four duplicates found"
+        );
     }
 
     #[test]
@@ -351,15 +438,19 @@ mod tests {
         assert!(stage(&l, "m2", 4));
         l.reset(|| 3);
         assert_eq!(l.generation(), 1);
-        l.put_back(taken.generation, taken.done, taken.applied);
+        l.put_back(taken.seq);
         assert!(
             l.take().is_none(),
             "a write taken before the reset is not put back"
         );
+        assert!(l.written(taken.seq).is_none());
         assert!(l.view("k").is_none());
         assert_eq!(l.check(0, "m1", &origin(0), 3).ok(), Some(Verdict::Stale));
         assert!(!stage(&l, "m2", 3), "a fenced-off actor stages nothing");
         assert_eq!(l.check(0, "m1", &origin(0), 4).ok(), Some(Verdict::New));
+        assert!(stage(&l, "m3", 4));
+        let after = l.take().expect("staged after the reset");
+        assert_ne!(after.seq, taken.seq, "sequence numbers are not reused");
         l.release();
         assert!(matches!(
             l.check(0, "m1", &origin(0), 4),

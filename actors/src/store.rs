@@ -81,8 +81,8 @@ pub struct WriteBatch {
     batch: sled::Batch,
     /// Message ids marked, by partition, in order.
     marked: Vec<(i32, String)>,
-    /// Views written, by partition and key: indexed if they are new.
-    viewed: Vec<(i32, String)>,
+    /// Views written, by partition and key, and whether each is new to the store (`None`: look).
+    viewed: Vec<(i32, String, Option<bool>)>,
     /// Markers in this batch.
     pub markers: usize,
     /// Views in this batch.
@@ -96,17 +96,24 @@ impl WriteBatch {
         self.markers += 1;
     }
 
-    /// Writes the view `agg` and its partition index entry.
+    /// Writes the view `agg`, and its partition index entry if the store does not hold it yet.
     pub fn put_view(&mut self, agg: &Aggregate) -> Result<(), serde_json::Error> {
         let bytes = serde_json::to_vec(agg)?;
-        self.put_encoded_view(agg.partition, &agg.key, bytes);
+        self.put_encoded_view(agg.partition, &agg.key, bytes, None);
         Ok(())
     }
 
-    /// Writes the view of `key`, already encoded as JSON, and its partition index entry.
-    pub fn put_encoded_view(&mut self, partition: i32, key: &str, json: Vec<u8>) {
+    /// Writes the view of `key`, already encoded as JSON, and its partition index entry if it is
+    /// `new` to the store (`None`: the write looks it up, a read per view).
+    pub fn put_encoded_view(
+        &mut self,
+        partition: i32,
+        key: &str,
+        json: Vec<u8>,
+        new: Option<bool>,
+    ) {
         self.batch.insert(view_key(key), json);
-        self.viewed.push((partition, key.to_string()));
+        self.viewed.push((partition, key.to_string(), new));
         self.views += 1;
     }
 
@@ -213,12 +220,15 @@ impl Store {
         } = batch;
         let _writing = lock(&self.writing);
         let plan = lock(&self.markers).plan(&marked, &mut batch);
-        for (partition, key) in &viewed {
-            if !self
-                .db
-                .contains_key(view_key(key))
-                .map_err(StoreError::Read)?
-            {
+        for (partition, key, new) in &viewed {
+            let new = match new {
+                Some(new) => *new,
+                None => !self
+                    .db
+                    .contains_key(view_key(key))
+                    .map_err(StoreError::Read)?,
+            };
+            if new {
                 batch.insert(index_key(*partition, key), &[]);
             }
         }
