@@ -1,10 +1,11 @@
 //! The dedup actor: owns the store and its ledger (see [`crate::ledger`], through which entity
 //! actors check message ids and stage their views), and writes each event's marker together with
 //! the view it produced in one atomic batch (group commit on an interval). Offsets complete only
-//! after the batch that covers them is flushed. Each batch's views go to the changelog first; the
-//! store write runs on a blocking thread while the ledger stages the next batch and answers checks
-//! and loads from the batch in flight until it is stored. It runs on a thread of its own, so that
-//! encoding views and reading the store do not take the entity actors' thread.
+//! after the batch that covers them is flushed. Each batch's views go to the changelog first.
+//! Writes are pipelined on blocking threads: one is encoded and sent to the changelog while the
+//! one before it is written to the store; meanwhile the ledger stages the next and answers checks
+//! and loads from the writes under way until each is stored. It runs on a thread of its own, so
+//! that reading the store does not take the entity actors' thread.
 //!
 //! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
 //! what it had staged lost: on the actors' thread, between two of their messages, it resets the
@@ -565,5 +566,42 @@ impl Handler<Release> for DedupActor {
             act.ledger.release();
             act.store.take().ok_or(StoreError::Released)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(key: &str, events: u64) -> Arc<Aggregate> {
+        let mut view = Aggregate::new(key, 0);
+        view.events_applied = events;
+        Arc::new(view)
+    }
+
+    #[test]
+    fn a_view_is_indexed_by_the_write_that_holds_all_of_its_events() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let mut staged = Staged::default();
+        staged.views.insert(
+            "new".into(),
+            (view("new", 2), vec!["m1".into(), "m2".into()]),
+        );
+        staged
+            .views
+            .insert("stored".into(), (view("stored", 5), vec!["m3".into()]));
+        let Encoded { batch, records } = encode(&staged, true).expect("encodes");
+        assert_eq!((batch.views, records.len()), (2, 2));
+        store.write(batch).expect("written");
+        assert_eq!(
+            store.entities_of_partition(0).expect("index"),
+            vec!["new".to_string()],
+            "a view already stored has its index entry"
+        );
+        assert_eq!(
+            store.load("stored").expect("read"),
+            Some((*view("stored", 5)).clone())
+        );
     }
 }

@@ -3,9 +3,10 @@
 //! their view through it by a call, not a message, so that an event costs no round trip to the
 //! dedup actor, which runs on a thread of its own and only writes what the ledger hands it.
 //!
-//! A message id is seen before if it is staged, in the write under way, or in the store's window;
+//! A message id is seen before if it is staged, in a write under way, or in the store's window;
 //! one lock covers the first two, and a write leaves the ledger only once the store has it, so
-//! that a message id is always in one of the three places.
+//! that a message id is always in one of the three places. Writes under way are kept in the
+//! order they were taken, which is the order the store applies them in.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
