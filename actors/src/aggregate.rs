@@ -26,6 +26,7 @@ pub struct Aggregate {
     /// Events applied per code.
     pub counters: BTreeMap<String, u64>,
     /// The figures the rules derive, by rule name.
+    #[serde(with = "crate::json_fields::values_as_text")]
     pub figures: BTreeMap<String, Value>,
 }
 

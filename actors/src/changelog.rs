@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Aggregate;
 use crate::store::{Store, WriteBatch};
+use crate::view_codec;
 
 /// One changelog record: a view after a flush and the message ids applied to it since the last.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -57,37 +58,57 @@ pub enum ChangelogError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// First byte of a record in the binary format; the JSON records of earlier versions start with
+/// `{`.
+const BINARY_V1: u8 = 1;
+
 impl ChangelogRecord {
-    /// The record of `view`, whose JSON encoding is `view_json` (encoded once for the store and
-    /// the changelog alike), with the message ids it newly holds.
-    pub fn of_view(
-        view: &Aggregate,
-        view_json: &[u8],
-        markers: &[String],
-    ) -> Result<Self, serde_json::Error> {
-        let markers = serde_json::to_vec(markers)?;
-        let mut value = Vec::with_capacity(view_json.len() + markers.len() + 24);
-        value.extend_from_slice(b"{\"view\":");
-        value.extend_from_slice(view_json);
-        value.extend_from_slice(b",\"markers\":");
-        value.extend_from_slice(&markers);
-        value.push(b'}');
-        Ok(ChangelogRecord {
+    /// The record of `view`, whose encoding ([`view_codec`]) is `encoded` (encoded once for the
+    /// store and the changelog alike), with the message ids it newly holds: a format byte, the
+    /// encoded view's length (4 bytes, big-endian) and the view, then the ids in postcard.
+    pub fn of_view(view: &Aggregate, encoded: &[u8], markers: &[String]) -> Self {
+        let mut value = Vec::with_capacity(encoded.len() + 16 + markers.len() * 40);
+        value.push(BINARY_V1);
+        value.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        value.extend_from_slice(encoded);
+        // Writing strings into a vector cannot fail.
+        let value = postcard::to_io(markers, value).unwrap_or_default();
+        ChangelogRecord {
             partition: view.partition,
             key: view.key.clone(),
             value,
-        })
+        }
     }
 }
 
 impl ChangelogEntry {
-    /// Decodes the record at `offset` of changelog `partition`.
+    /// Decodes the record at `offset` of changelog `partition`, binary or JSON.
     pub fn decode(partition: i32, offset: i64, value: &[u8]) -> Result<Self, ChangelogError> {
-        serde_json::from_slice(value).map_err(|e| ChangelogError::Decode {
+        let error = |reason: String| ChangelogError::Decode {
             partition,
             offset,
-            reason: e.to_string(),
-        })
+            reason,
+        };
+        match value.split_first() {
+            Some((&BINARY_V1, rest)) => {
+                let (len, rest) = rest
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| error("cut short before the view's length".into()))?;
+                let len = u32::from_be_bytes(*len) as usize;
+                if rest.len() < len {
+                    return Err(error(format!(
+                        "cut short: the view takes {len} bytes, {} follow",
+                        rest.len()
+                    )));
+                }
+                let (view, markers) = rest.split_at(len);
+                Ok(ChangelogEntry {
+                    view: view_codec::decode(view).map_err(|e| error(e.to_string()))?,
+                    markers: postcard::from_bytes(markers).map_err(|e| error(e.to_string()))?,
+                })
+            }
+            _ => serde_json::from_slice(value).map_err(|e| error(e.to_string())),
+        }
     }
 }
 
@@ -148,12 +169,17 @@ mod tests {
             view,
             markers: vec!["m3".into(), "m4".into()],
         };
-        let json = serde_json::to_vec(&entry.view).unwrap();
-        let record = ChangelogRecord::of_view(&entry.view, &json, &entry.markers).unwrap();
+        let encoded = view_codec::encode(&entry.view).unwrap();
+        let record = ChangelogRecord::of_view(&entry.view, &encoded, &entry.markers);
         assert_eq!((record.partition, record.key.as_str()), (2, "C1"));
         assert_eq!(ChangelogEntry::decode(2, 9, &record.value).unwrap(), entry);
         let err = ChangelogEntry::decode(2, 9, b"{\"view\":1}").unwrap_err();
         assert!(err.to_string().contains("partition 2 offset 9"), "{err}");
+        let cut = ChangelogEntry::decode(2, 9, &record.value[..8]).unwrap_err();
+        assert!(cut.to_string().contains("cut short"), "{cut}");
+        // Records of earlier versions, in JSON, still decode.
+        let json = serde_json::to_vec(&entry).unwrap();
+        assert_eq!(ChangelogEntry::decode(2, 9, &json).unwrap(), entry);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use crate::partition_supervisor::rewind_all_partitions;
 use crate::record::Origin;
 use crate::store::{Store, StoreError, WriteBatch};
 use crate::topology::Topology;
+use crate::view_codec;
 
 /// Longest wait between retries of a failed flush.
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -82,15 +83,14 @@ fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
             batch.add_marker(*partition, id);
         }
     }
-    let encode_error = |e: serde_json::Error| StoreError::Write(e.to_string());
     for (view, markers) in staged.views.values() {
-        let json = serde_json::to_vec(&**view).map_err(encode_error)?;
+        let encoded = view_codec::encode(view).map_err(|e| StoreError::Write(e.to_string()))?;
         if changelog {
-            records.push(ChangelogRecord::of_view(view, &json, markers).map_err(encode_error)?);
+            records.push(ChangelogRecord::of_view(view, &encoded, markers));
         }
         // Every stored view holds at least one event: one that holds only this write's is new.
         let new = view.events_applied == markers.len() as u64;
-        batch.put_encoded_view(view.partition, &view.key, json, Some(new));
+        batch.put_encoded_view(view.partition, &view.key, encoded, Some(new));
     }
     Ok(Encoded { batch, records })
 }

@@ -72,8 +72,35 @@ impl PartialEq for Fields {
     }
 }
 
+/// The form of [`Fields`] in formats that are not human-readable (the store's binary
+/// encoding): each field's JSON text as a string, so that nothing is decoded.
+#[derive(Serialize)]
+enum FieldsText<'a> {
+    Object(Vec<(&'a str, &'a str)>),
+    Other(&'a str),
+}
+
+/// [`FieldsText`] read back.
+#[derive(Deserialize)]
+enum OwnedFieldsText {
+    Object(Vec<(String, String)>),
+    Other(String),
+}
+
 impl Serialize for Fields {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if !serializer.is_human_readable() {
+            return match self {
+                Fields::Object(fields) => FieldsText::Object(
+                    fields
+                        .iter()
+                        .map(|(name, raw)| (name.as_str(), raw.get()))
+                        .collect(),
+                ),
+                Fields::Other(raw) => FieldsText::Other(raw.get()),
+            }
+            .serialize(serializer);
+        }
         match self {
             Fields::Object(fields) => fields.serialize(serializer),
             Fields::Other(raw) => raw.serialize(serializer),
@@ -81,11 +108,65 @@ impl Serialize for Fields {
     }
 }
 
-/// Read in one pass: an object's fields are taken as text as the object is read. (Only
-/// serde_json's deserializer can hand out text; views are read with it alone.)
+/// Read in one pass: an object's fields are taken as text as the object is read (only
+/// serde_json's deserializer hands out text); in a binary format, as the text it was written as,
+/// checked to be JSON.
 impl<'de> Deserialize<'de> for Fields {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(FieldsVisitor)
+        if deserializer.is_human_readable() {
+            return deserializer.deserialize_any(FieldsVisitor);
+        }
+        let raw = |text: String| RawValue::from_string(text).map_err(serde::de::Error::custom);
+        Ok(match OwnedFieldsText::deserialize(deserializer)? {
+            OwnedFieldsText::Object(fields) => Fields::Object(
+                fields
+                    .into_iter()
+                    .map(|(name, text)| Ok((name, raw(text)?)))
+                    .collect::<Result<_, D::Error>>()?,
+            ),
+            OwnedFieldsText::Other(text) => Fields::Other(raw(text)?),
+        })
+    }
+}
+
+/// Serde adapter for JSON values in formats that are not human-readable: each value as its JSON
+/// text (such formats cannot read a value whose type the data alone tells).
+pub(crate) mod values_as_text {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    /// Writes `values`: as they are in JSON, each as its text otherwise.
+    pub(crate) fn serialize<S: Serializer>(
+        values: &BTreeMap<String, Value>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            return values.serialize(serializer);
+        }
+        let texts: Vec<(&str, String)> = values
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_string()))
+            .collect();
+        texts.serialize(serializer)
+    }
+
+    /// Reads what [`serialize`] wrote.
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Value>, D::Error> {
+        if deserializer.is_human_readable() {
+            return BTreeMap::deserialize(deserializer);
+        }
+        Vec::<(String, String)>::deserialize(deserializer)?
+            .into_iter()
+            .map(|(name, text)| {
+                serde_json::from_str(&text)
+                    .map(|value| (name, value))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
     }
 }
 

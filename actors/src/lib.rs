@@ -24,6 +24,7 @@ pub mod record;
 pub mod rules;
 pub mod store;
 pub mod topology;
+pub mod view_codec;
 
 pub use aggregate::Aggregate;
 pub use envelope::{Event, ParseLimits, Rejection};

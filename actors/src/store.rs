@@ -1,9 +1,9 @@
 //! The durable store (sled): entity views, message-id markers and a per-partition index, all
 //! written through atomic batches so that a marker never exists without its effect.
 //!
-//! Keys: `e/{entity}` holds the view as JSON; `p/{partition:05}/{entity}` indexes entities by
-//! partition so that one partition's state can be read out alone (written with a view's first
-//! write only); `d/{partition:05}/{seq:020}` holds the message ids one write marked as applied in
+//! Keys: `e/{entity}` holds the view ([`crate::view_codec`]); `p/{partition:05}/{entity}`
+//! indexes entities by partition so that one partition's state can be read out alone (written
+//! with a view's first write only); `d/{partition:05}/{seq:020}` holds the message ids one write marked as applied in
 //! the partition (see [`crate::marker_index`]: one entry per partition per write, looked up in
 //! memory, expired whole once the dedup window has passed all its ids); `c/{partition:05}` is the
 //! changelog offset up to which the partition's state is in the store.
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::aggregate::Aggregate;
 use crate::fault_injector::FaultInjector;
 use crate::marker_index::{self, MarkerIndex};
+use crate::view_codec::{self, ViewCodecError};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +49,8 @@ pub enum StoreError {
     Decode {
         /// The entity key.
         key: String,
-        /// What serde said.
-        source: serde_json::Error,
+        /// What the decoder said.
+        source: ViewCodecError,
     },
 }
 
@@ -97,22 +98,22 @@ impl WriteBatch {
     }
 
     /// Writes the view `agg`, and its partition index entry if the store does not hold it yet.
-    pub fn put_view(&mut self, agg: &Aggregate) -> Result<(), serde_json::Error> {
-        let bytes = serde_json::to_vec(agg)?;
+    pub fn put_view(&mut self, agg: &Aggregate) -> Result<(), ViewCodecError> {
+        let bytes = view_codec::encode(agg)?;
         self.put_encoded_view(agg.partition, &agg.key, bytes, None);
         Ok(())
     }
 
-    /// Writes the view of `key`, already encoded as JSON, and its partition index entry if it is
-    /// `new` to the store (`None`: the write looks it up, a read per view).
+    /// Writes the view of `key`, already encoded ([`view_codec`]), and its partition index entry
+    /// if it is `new` to the store (`None`: the write looks it up, a read per view).
     pub fn put_encoded_view(
         &mut self,
         partition: i32,
         key: &str,
-        json: Vec<u8>,
+        encoded: Vec<u8>,
         new: Option<bool>,
     ) {
-        self.batch.insert(view_key(key), json);
+        self.batch.insert(view_key(key), encoded);
         self.viewed.push((partition, key.to_string(), new));
         self.views += 1;
     }
@@ -191,7 +192,7 @@ impl Store {
         match self.db.get(view_key(key)).map_err(StoreError::Read)? {
             None => Ok(None),
             Some(bytes) => {
-                serde_json::from_slice(&bytes)
+                view_codec::decode(&bytes)
                     .map(Some)
                     .map_err(|source| StoreError::Decode {
                         key: key.to_string(),
