@@ -13,7 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Serialize;
 
-use aggregator_actors::topology::LatencySummary;
+use aggregator_actors::topology::{LatencyHistogram, LatencySummary};
 
 use crate::config::Config;
 use crate::consumer::to_record;
@@ -77,6 +77,9 @@ pub struct BenchReport {
     pub ratio: f64,
     /// Record timestamp to durable-and-committable, in milliseconds.
     pub latency_ms: Option<LatencySummary>,
+    /// Record timestamp to parsed by the bare consumer, in milliseconds: the floor the broker
+    /// and the client set.
+    pub baseline_latency_ms: Option<LatencySummary>,
     /// Peak resident memory during the aggregator workload, in MiB.
     pub peak_rss_mib: f64,
     /// Store size on disk after the run, in bytes.
@@ -163,28 +166,44 @@ impl Feeder {
     }
 }
 
-/// The bare consumer: reads the topics and parses every envelope, nothing else.
-fn baseline(config: &Config, options: &BenchOptions) -> anyhow::Result<Workload> {
+/// The bare consumer: reads the topics and parses every envelope, nothing else; with the latency
+/// from each record's timestamp to its parsing.
+fn baseline(
+    config: &Config,
+    options: &BenchOptions,
+) -> anyhow::Result<(Workload, Option<LatencySummary>)> {
     let broker = EmbeddedBroker::start(config, options.partitions)?;
     let brokers = broker.bootstrap_servers();
     let consumed = Arc::new(AtomicU64::new(0));
     let counter = consumed.clone();
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "bench-baseline")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    for (key, value) in crate::consumer::FETCH_SETTINGS {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = client.create()?;
+    let rules = config.rules()?;
+    let limits = config.tuning.limits();
+    let topics = rules.topics();
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    // As for the service: events produced while the group forms would measure the join.
+    let joining = Instant::now();
+    while consumer.assignment()?.count() == 0 && joining.elapsed() < Duration::from_secs(120) {
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            message?;
+        }
+    }
     let feeder = Feeder::start(
         &brokers,
         config,
         options,
         Arc::new(move || counter.load(Ordering::Relaxed)),
     )?;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "bench-baseline")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    let rules = config.rules()?;
-    let limits = config.tuning.limits();
-    let topics = rules.topics();
-    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let latency = LatencyHistogram::default();
     let mut first: Option<Instant> = None;
     let mut parsed = 0u64;
     let deadline = Instant::now() + Duration::from_secs(3600);
@@ -194,9 +213,13 @@ fn baseline(config: &Config, options: &BenchOptions) -> anyhow::Result<Workload>
         };
         let message = message?;
         first.get_or_insert_with(Instant::now);
+        let record = to_record(&message);
         // The service's own parser, so that the ceiling parses exactly what the service does.
-        let event = aggregator_actors::envelope::parse(&to_record(&message), &rules, &limits)
+        let event = aggregator_actors::envelope::parse(&record, &rules, &limits)
             .context("baseline: an envelope does not parse")?;
+        if let Some(produced_ms) = record.timestamp_ms {
+            latency.record_ms(chrono::Utc::now().timestamp_millis() - produced_ms);
+        }
         std::hint::black_box(event);
         parsed += 1;
         consumed.store(parsed, Ordering::Relaxed);
@@ -205,11 +228,14 @@ fn baseline(config: &Config, options: &BenchOptions) -> anyhow::Result<Workload>
     feeder.join()?;
     drop(consumer);
     drop(broker);
-    Ok(Workload {
-        events: parsed,
-        seconds,
-        events_per_sec: parsed as f64 / seconds.max(1e-9),
-    })
+    Ok((
+        Workload {
+            events: parsed,
+            seconds,
+            events_per_sec: parsed as f64 / seconds.max(1e-9),
+        },
+        latency.take(),
+    ))
 }
 
 /// Peak resident set of this process in KiB, from /proc.
@@ -268,7 +294,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         "bench: baseline (bare consumer, parse only), {} events",
         options.events
     );
-    let base = {
+    let (base, baseline_latency) = {
         let (config, options) = (config.clone(), options.clone());
         std::thread::spawn(move || baseline(&config, &options))
             .join()
@@ -354,6 +380,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         baseline: base,
         aggregator,
         latency_ms: latency,
+        baseline_latency_ms: baseline_latency,
         peak_rss_mib,
         store_bytes,
         entities,
@@ -378,21 +405,26 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
 
 /// The report as text.
 pub fn render(r: &BenchReport) -> String {
-    let latency = r.latency_ms.map_or_else(
-        || "n/a".to_string(),
-        |l| {
-            format!(
-                "p50 {} ms, p95 {} ms, p99 {} ms, max {} ms over {} events",
-                l.p50, l.p95, l.p99, l.max, l.count
-            )
-        },
-    );
+    let percentiles = |l: Option<LatencySummary>| {
+        l.map_or_else(
+            || "n/a".to_string(),
+            |l| {
+                format!(
+                    "p50 {} ms, p95 {} ms, p99 {} ms, max {} ms over {} events",
+                    l.p50, l.p95, l.p99, l.max, l.count
+                )
+            },
+        )
+    };
+    let latency = percentiles(r.latency_ms);
+    let baseline_latency = percentiles(r.baseline_latency_ms);
     format!(
         "events {} | keys {} | 7 topics x {} partitions | offered {} | commit interval {} ms\n\
          baseline   (bare consumer) {:>10.0} events/s ({:.2} s)\n\
          aggregator (full service)  {:>10.0} events/s ({:.2} s)\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
+         latency produce->parsed (bare consumer): {baseline_latency}\n\
          peak RSS {:.0} MiB | store {:.1} MiB, {} entities\n\
          restart: serving {:.0} ms, ready {:.0} ms | without the shutdown's checkpoint (as after a \
          crash): serving {:.0} ms, ready {:.0} ms\n\

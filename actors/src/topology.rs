@@ -133,7 +133,36 @@ pub struct Topology {
     /// Whether the consumer has joined its group and received an assignment.
     pub joined: AtomicBool,
     /// Milliseconds from each record's timestamp to durable-and-committable.
-    pub latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    pub latency: LatencyHistogram,
+}
+
+/// Latencies in milliseconds, recorded from any thread, summarised as percentiles.
+#[derive(Default)]
+pub struct LatencyHistogram(Mutex<Option<hdrhistogram::Histogram<u64>>>);
+
+impl LatencyHistogram {
+    /// Records one latency (at least 1 ms, at most an hour).
+    pub fn record_ms(&self, ms: i64) {
+        if let Ok(mut h) = self.0.lock() {
+            let h = h.get_or_insert_with(|| {
+                hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MAX_MS, 3)
+                    .expect("bounds and 3 significant digits are valid")
+            });
+            h.saturating_record((ms.max(1) as u64).min(LATENCY_MAX_MS));
+        }
+    }
+
+    /// Percentiles of the latencies recorded so far, then forgets them.
+    pub fn take(&self) -> Option<LatencySummary> {
+        let h = self.0.lock().ok()?.take()?;
+        Some(LatencySummary {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p95: h.value_at_quantile(0.95),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        })
+    }
 }
 
 /// Longest latency tracked exactly; longer ones count as this (one hour).
@@ -259,25 +288,12 @@ fn known(v: i64) -> Option<i64> {
 impl Topology {
     /// Records one event's latency.
     pub fn record_latency_ms(&self, ms: i64) {
-        if let Ok(mut h) = self.latency.lock() {
-            let h = h.get_or_insert_with(|| {
-                hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MAX_MS, 3)
-                    .expect("bounds and 3 significant digits are valid")
-            });
-            h.saturating_record((ms.max(1) as u64).min(LATENCY_MAX_MS));
-        }
+        self.latency.record_ms(ms);
     }
 
     /// Percentiles of the latencies recorded so far, then forgets them.
     pub fn take_latency(&self) -> Option<LatencySummary> {
-        let h = self.latency.lock().ok()?.take()?;
-        Some(LatencySummary {
-            count: h.len(),
-            p50: h.value_at_quantile(0.50),
-            p95: h.value_at_quantile(0.95),
-            p99: h.value_at_quantile(0.99),
-            max: h.max(),
-        })
+        self.latency.take()
     }
 
     /// Figures of `tp`, created on first use.
