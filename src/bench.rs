@@ -166,6 +166,9 @@ impl Feeder {
     }
 }
 
+/// Longest wait for the bare consumer's group to form.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The bare consumer: reads the topics and parses every envelope, nothing else; with the latency
 /// from each record's timestamp to its parsing.
 fn baseline(
@@ -192,7 +195,11 @@ fn baseline(
     consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     // As for the service: events produced while the group forms would measure the join.
     let joining = Instant::now();
-    while consumer.assignment()?.count() == 0 && joining.elapsed() < Duration::from_secs(120) {
+    while consumer.assignment()?.count() == 0 {
+        anyhow::ensure!(
+            joining.elapsed() < JOIN_TIMEOUT,
+            "baseline: the bare consumer was assigned no partition within {JOIN_TIMEOUT:?}"
+        );
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             message?;
         }

@@ -31,7 +31,10 @@ async fn short_benchmark_completes_and_applies_every_event() {
     let floor = report
         .baseline_latency_ms
         .expect("the bare consumer's latencies recorded");
-    assert_eq!(floor.count, 20_000, "one per event the bare consumer parsed");
+    assert_eq!(
+        floor.count, 20_000,
+        "one per event the bare consumer parsed"
+    );
     assert_eq!(report.markers_kept, 2 * 8_000, "{}", bench::render(&report));
     assert_eq!(
         report.markers_kept + report.markers_expired,
