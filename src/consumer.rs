@@ -417,8 +417,8 @@ impl ConsumerThread {
             restorer: Mutex::new(restorer),
         };
         let session_timeout = config.kafka.session_timeout_ms.to_string();
-        let client = config.kafka.client(&[
-            ("group.id", &config.kafka.group_id),
+        let mut settings = vec![
+            ("group.id", config.kafka.group_id.as_str()),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", &config.kafka.auto_offset_reset),
@@ -427,9 +427,9 @@ impl ConsumerThread {
             // Range gives partition p of every topic to the same member: an entity's events and
             // its state (changelog partition p) stay together.
             ("partition.assignment.strategy", "range"),
-            FETCH_SETTINGS[0],
-            FETCH_SETTINGS[1],
-        ]);
+        ];
+        settings.extend(FETCH_SETTINGS);
+        let client = config.kafka.client(&settings);
         let consumer: Arc<AggregatorConsumer> = Arc::new(client.create_with_context(context)?);
         let topics = pipeline.rules.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -3,10 +3,10 @@
 //!
 //! Keys: `e/{entity}` holds the view ([`crate::view_codec`]); `p/{partition:05}/{entity}`
 //! indexes entities by partition so that one partition's state can be read out alone (written
-//! with a view's first write only); `d/{partition:05}/{seq:020}` holds the message ids one write marked as applied in
-//! the partition (see [`crate::marker_index`]: one entry per partition per write, looked up in
-//! memory, expired whole once the dedup window has passed all its ids); `c/{partition:05}` is the
-//! changelog offset up to which the partition's state is in the store.
+//! with a view's first write only); `d/{partition:05}/{seq:020}` holds the message ids one write
+//! marked as applied in the partition (see [`crate::marker_index`]: one entry per partition per
+//! write, looked up in memory, expired whole once the dedup window has passed all its ids);
+//! `c/{partition:05}` is the changelog offset up to which the partition's state is in the store.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
