@@ -15,6 +15,7 @@ use aggregator_actors::metrics::Metrics;
 use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::Topology;
+use aggregator_actors::view_loader::ViewLoader;
 use aggregator_actors::{RulesError, Store, StoreError};
 
 use crate::changelog_producer::{ChangelogSetupError, KafkaChangelog};
@@ -43,6 +44,9 @@ pub enum StartError {
     /// The changelog topic cannot be used.
     #[error(transparent)]
     Changelog(#[from] ChangelogSetupError),
+    /// The view loader's thread could not be started.
+    #[error("cannot start the view loader thread: {0}")]
+    Loader(std::io::Error),
     /// The HTTP API could not bind.
     #[error("cannot listen on http.bind {bind:?}: {source}")]
     Http {
@@ -125,6 +129,7 @@ pub async fn start_with(
         topology: topology.clone(),
         metrics: metrics.clone(),
         dedup: dedup.clone(),
+        loader: ViewLoader::start(ledger.clone()).map_err(StartError::Loader)?,
         ledger,
         committer: committer.clone(),
         dead_letters: DeadLetterer::new(

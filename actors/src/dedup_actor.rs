@@ -5,7 +5,8 @@
 //! Writes are pipelined on blocking threads: one is encoded and sent to the changelog while the
 //! one before it is written to the store; meanwhile the ledger stages the next and answers checks
 //! and loads from the writes under way until each is stored. It runs on a thread of its own, so
-//! that reading the store does not take the entity actors' thread.
+//! that its bookkeeping does not take the entity actors' thread; views are read for starting
+//! actors by the [`crate::view_loader`].
 //!
 //! It runs under an actix `Supervisor`: killed, it restarts with its address and mailbox kept but
 //! what it had staged lost: on the actors' thread, between two of their messages, it resets the
@@ -38,16 +39,6 @@ use crate::view_codec;
 
 /// Longest wait between retries of a failed flush.
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// The current view of `key`: staged, stored, or new.
-#[derive(Message)]
-#[rtype(result = "Result<Arc<Aggregate>, StoreError>")]
-pub struct Load {
-    /// Entity key.
-    pub key: String,
-    /// Partition a new view belongs to.
-    pub partition: i32,
-}
 
 /// The current view of `key` if it exists (staged or stored), for readers such as the HTTP API.
 #[derive(Message)]
@@ -269,18 +260,6 @@ impl DedupActor {
     pub fn with_changelog(mut self, sink: Arc<dyn ChangelogSink>) -> Self {
         self.changelog = Some(sink);
         self
-    }
-
-    fn store(&self) -> Result<&Store, StoreError> {
-        self.store.as_ref().ok_or(StoreError::Released)
-    }
-
-    /// The current view of `key`: staged, being written, or stored.
-    fn current_view(&self, key: &str) -> Result<Option<Arc<Aggregate>>, StoreError> {
-        if let Some(view) = self.ledger.view(key) {
-            return Ok(Some(view));
-        }
-        Ok(self.store()?.load(key)?.map(Arc::new))
     }
 
     /// Writes what is staged, off the actor's thread, as a pipeline of two stages: encoding and
@@ -527,16 +506,6 @@ impl Handler<Kill> for DedupActor {
     }
 }
 
-impl Handler<Load> for DedupActor {
-    type Result = Result<Arc<Aggregate>, StoreError>;
-
-    fn handle(&mut self, msg: Load, _: &mut Self::Context) -> Self::Result {
-        Ok(self
-            .current_view(&msg.key)?
-            .unwrap_or_else(|| Arc::new(Aggregate::new(msg.key, msg.partition))))
-    }
-}
-
 impl Handler<FlushNow> for DedupActor {
     type Result = ResponseActFuture<Self, Result<(), StoreError>>;
 
@@ -552,7 +521,7 @@ impl Handler<Peek> for DedupActor {
     type Result = Result<Option<Aggregate>, StoreError>;
 
     fn handle(&mut self, msg: Peek, _: &mut Self::Context) -> Self::Result {
-        Ok(self.current_view(&msg.key)?.map(Arc::unwrap_or_clone))
+        Ok(self.ledger.load(&msg.key)?.map(Arc::unwrap_or_clone))
     }
 }
 

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::aggregate::Aggregate;
-use crate::dedup_actor::Load;
 use crate::envelope::{Event, Rejection};
 use crate::kill::{injected_panic, Kill};
 use crate::ledger::{Stage, Verdict};
@@ -177,22 +176,27 @@ impl EntityActor {
         }
     }
 
-    /// Loads the stored view from the dedup actor (on its own thread), retrying store faults with
+    /// Loads the view from the view loader (on its own thread), retrying store faults with
     /// backoff; the actor takes no message before it has its view.
     fn load(&mut self, ctx: &mut Context<Self>) {
-        let dedup = self.pipeline.dedup.clone();
+        let p = self.pipeline.clone();
         let (key, partition) = (self.key.clone(), self.partition);
         let loading = async move {
+            let asked = Instant::now();
             let mut delay = Duration::from_millis(10);
             loop {
-                let load = Load {
-                    key: key.clone(),
-                    partition,
-                };
-                match dedup.send(load).await {
-                    Ok(Ok(view)) => return Some(view),
+                match p.loader.load(key.clone()).await {
+                    Ok(Ok(view)) => {
+                        p.metrics
+                            .view_load_latency
+                            .observe(asked.elapsed().as_secs_f64());
+                        return Some(
+                            view.unwrap_or_else(|| Arc::new(Aggregate::new(key, partition))),
+                        );
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(%key, "loading view failed, retrying in {delay:?}: {e}");
+                        p.metrics.fault("store_read");
                         actix::clock::sleep(delay).await;
                         delay = (delay * 2).min(RETRY_MAX);
                     }
@@ -242,6 +246,9 @@ impl Actor for EntityActor {
         let p = &self.pipeline;
         p.topology.entities.remove(&self.key, &ctx.address());
         p.metrics.entity_actors.dec();
+        if let Some(view) = self.view.take() {
+            p.loader.retire(view);
+        }
         if self.died || self.mailbox.load(Ordering::Relaxed) > 0 {
             // Events in the mailbox are gone with it: every supervisor hands its unfinished
             // records of this key, in offset order, to the next actor of the key.

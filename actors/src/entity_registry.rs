@@ -96,20 +96,28 @@ impl EntityRegistry {
         if excess == 0 {
             return;
         }
-        let mut idle: Vec<(u64, String)> = self
+        // The cut-off is found from the idle actors' clocks alone, then one pass removes those
+        // at or below it: no key is copied. Clock readings are unique, and nothing else changes
+        // the registry's clocks or mailboxes meanwhile (all of that happens on this thread).
+        let mut clocks: Vec<u64> = self
             .actors
             .iter()
             .filter(|h| h.mailbox.load(Ordering::Relaxed) == 0)
-            .map(|h| (h.last_sent.load(Ordering::Relaxed), h.key().clone()))
+            .map(|h| h.last_sent.load(Ordering::Relaxed))
             .collect();
-        let n = excess.min(idle.len());
-        if n < idle.len() {
-            idle.select_nth_unstable(n);
-            idle.truncate(n);
+        let n = excess.min(clocks.len());
+        if n == 0 {
+            return;
         }
-        for (_, key) in &idle {
-            self.passivate(key);
-        }
+        let (_, &mut cutoff, _) = clocks.select_nth_unstable(n - 1);
+        self.actors.retain(|_, h| {
+            let stop = h.mailbox.load(Ordering::Relaxed) == 0
+                && h.last_sent.load(Ordering::Relaxed) <= cutoff;
+            if stop {
+                h.addr.do_send(Passivate);
+            }
+            !stop
+        });
     }
 
     /// Registers the actor of `key`.

@@ -121,6 +121,19 @@ struct State {
     store: Option<Store>,
 }
 
+impl State {
+    /// The view of `key` staged or in the newest write under way that holds it.
+    fn latest_view(&self, key: &str) -> Option<Arc<Aggregate>> {
+        let (view, _) = self.staged.views.get(key).or_else(|| {
+            self.writing
+                .iter()
+                .rev()
+                .find_map(|w| w.staged.views.get(key))
+        })?;
+        Some(view.clone())
+    }
+}
+
 /// The dedup actor's ledger, shared with the entity actors.
 pub struct Ledger {
     state: Mutex<State>,
@@ -213,15 +226,20 @@ impl Ledger {
 
     /// The staged (or being written) view of `key`: the latest.
     pub fn view(&self, key: &str) -> Option<Arc<Aggregate>> {
-        let state = self.lock();
-        let (view, _) = state.staged.views.get(key).or_else(|| {
-            state
-                .writing
-                .iter()
-                .rev()
-                .find_map(|w| w.staged.views.get(key))
-        })?;
-        Some(view.clone())
+        self.lock().latest_view(key)
+    }
+
+    /// The latest view of `key`: staged, being written, or else stored. The ledger is asked
+    /// first, and a write leaves it only once the store has it, so nothing newer is missed.
+    pub fn load(&self, key: &str) -> Result<Option<Arc<Aggregate>>, StoreError> {
+        let store = {
+            let state = self.lock();
+            if let Some(view) = state.latest_view(key) {
+                return Ok(Some(view));
+            }
+            state.store.clone().ok_or(StoreError::Released)?
+        };
+        Ok(store.load(key)?.map(Arc::new))
     }
 
     /// Number of writes under way.

@@ -25,6 +25,7 @@ pub mod rules;
 pub mod store;
 pub mod topology;
 pub mod view_codec;
+pub mod view_loader;
 
 pub use aggregate::Aggregate;
 pub use envelope::{Event, ParseLimits, Rejection};

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub commit_latency: Histogram,
     /// Seconds a store flush took.
     pub flush_latency: Histogram,
+    /// Seconds from an entity actor asking for its view to having it.
+    pub view_load_latency: Histogram,
     /// Seconds from a record's timestamp to its effect being durable and its offset committable.
     pub event_latency: Histogram,
     /// Faults seen, by kind (store_write, store_flush, commit, dead_letter, broker).
@@ -152,6 +154,10 @@ impl Metrics {
             "Seconds from commit request to the broker's answer.",
         );
         let flush_latency = histogram("store_flush_seconds", "Seconds a store flush took.");
+        let view_load_latency = histogram(
+            "view_load_seconds",
+            "Seconds from an entity actor asking for its view to having it.",
+        );
         let event_latency = histogram(
             "event_latency_seconds",
             "Seconds from a record's timestamp to its effect being durable and committable.",
@@ -171,6 +177,7 @@ impl Metrics {
             partitions_revoked,
             commit_latency,
             flush_latency,
+            view_load_latency,
             event_latency,
             faults,
         }

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::offset_committer::OffsetCommitter;
 use crate::rules::Rules;
 use crate::topology::Topology;
+use crate::view_loader::ViewLoader;
 
 /// Shared context of the actor tree.
 pub struct Pipeline {
@@ -30,6 +31,8 @@ pub struct Pipeline {
     pub dedup: Addr<DedupActor>,
     /// The dedup actor's ledger, where entity actors check message ids and stage their views.
     pub ledger: Arc<Ledger>,
+    /// Reads the views of entity actors that start.
+    pub loader: ViewLoader,
     /// The offset committer.
     pub committer: Addr<OffsetCommitter>,
     /// Where unprocessable records go.
