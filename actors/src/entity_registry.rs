@@ -166,3 +166,49 @@ impl EntityRegistry {
         self.actors.iter().map(|h| h.clone()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle whose address leads to a mailbox nobody reads, with `depth` events in it.
+    fn handle(depth: usize) -> EntityHandle {
+        let (tx, _rx) = actix::dev::channel::channel::<EntityActor>(16);
+        EntityHandle {
+            addr: Addr::new(tx),
+            mailbox: Arc::new(AtomicUsize::new(depth)),
+            incarnation: 0,
+            last_sent: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn the_bound_passivates_the_idle_actors_sent_an_event_least_recently() {
+        let registry = EntityRegistry::default();
+        // Sent to in this order: "busy" first of all, yet it has an event unfinished.
+        for (key, depth) in [
+            ("busy", 1),
+            ("a", 0),
+            ("b", 0),
+            ("c", 0),
+            ("d", 0),
+            ("e", 0),
+        ] {
+            let h = handle(depth);
+            registry.touch(&h);
+            registry.insert(key.into(), h);
+        }
+        registry.touch(&registry.get("a").expect("registered"));
+        registry.shrink_to(3);
+        let mut live: Vec<String> = registry.actors.iter().map(|h| h.key().clone()).collect();
+        live.sort();
+        assert_eq!(live, ["a", "busy", "e"], "b, c and d were idle longest");
+        registry.shrink_to(0);
+        let live: Vec<String> = registry.actors.iter().map(|h| h.key().clone()).collect();
+        assert_eq!(
+            live,
+            ["busy"],
+            "an actor with work pending never passivates"
+        );
+    }
+}
