@@ -171,7 +171,8 @@ impl EntityRegistry {
 mod tests {
     use super::*;
 
-    /// A handle whose address leads to a mailbox nobody reads, with `depth` events in it.
+    /// A handle with `depth` events unfinished, whose address leads to a closed mailbox (what it
+    /// is sent is dropped).
     fn handle(depth: usize) -> EntityHandle {
         let (tx, _rx) = actix::dev::channel::channel::<EntityActor>(16);
         EntityHandle {
