@@ -54,6 +54,51 @@ pub struct Workload {
     pub seconds: f64,
     /// Events per second.
     pub events_per_sec: f64,
+    /// CPU time the whole process used meanwhile (every thread, the bench's own broker and
+    /// producer too), in microseconds per event: steadier than events/s on a shared machine.
+    pub cpu_us_per_event: f64,
+}
+
+impl Workload {
+    /// A workload of `events` done in the `seconds` and the CPU `cpu_seconds` since its first.
+    fn new(events: u64, seconds: f64, cpu_seconds: f64) -> Self {
+        Workload {
+            events,
+            seconds,
+            events_per_sec: events as f64 / seconds.max(1e-9),
+            cpu_us_per_event: cpu_seconds * 1e6 / events.max(1) as f64,
+        }
+    }
+}
+
+/// Wall and CPU seconds since `first` (the time and CPU time the first event was seen), or none.
+fn since(first: Option<(Instant, f64)>) -> (f64, f64) {
+    first.map_or((0.0, 0.0), |(at, cpu)| {
+        (at.elapsed().as_secs_f64(), process_cpu_seconds() - cpu)
+    })
+}
+
+/// Clock ticks per second of `/proc`'s CPU times (`USER_HZ`, fixed at 100 in Linux's ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time this process has used so far, user and system, every thread, in seconds (0 where
+/// `/proc` is unreadable).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces) start with the state, field 3;
+    // utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / USER_HZ
 }
 
 /// What the benchmark measured.
@@ -211,7 +256,7 @@ fn baseline(
         Arc::new(move || counter.load(Ordering::Relaxed)),
     )?;
     let latency = LatencyHistogram::default();
-    let mut first: Option<Instant> = None;
+    let mut first: Option<(Instant, f64)> = None;
     let mut parsed = 0u64;
     let deadline = Instant::now() + Duration::from_secs(3600);
     while parsed < options.events && Instant::now() < deadline {
@@ -219,7 +264,7 @@ fn baseline(
             continue;
         };
         let message = message?;
-        first.get_or_insert_with(Instant::now);
+        first.get_or_insert_with(|| (Instant::now(), process_cpu_seconds()));
         let record = to_record(&message);
         // The service's own parser, so that the ceiling parses exactly what the service does.
         let event = aggregator_actors::envelope::parse(&record, &rules, &limits)
@@ -231,18 +276,11 @@ fn baseline(
         parsed += 1;
         consumed.store(parsed, Ordering::Relaxed);
     }
-    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let (seconds, cpu_seconds) = since(first);
     feeder.join()?;
     drop(consumer);
     drop(broker);
-    Ok((
-        Workload {
-            events: parsed,
-            seconds,
-            events_per_sec: parsed as f64 / seconds.max(1e-9),
-        },
-        latency.take(),
-    ))
+    Ok((Workload::new(parsed, seconds, cpu_seconds), latency.take()))
 }
 
 /// Peak resident set of this process in KiB, from /proc.
@@ -327,11 +365,11 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         &options,
         Arc::new(move || metrics.totals().0),
     )?;
-    let mut first: Option<Instant> = None;
+    let mut first: Option<(Instant, f64)> = None;
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         if first.is_none() && running.metrics.totals().0 > 0 {
-            first = Some(Instant::now());
+            first = Some((Instant::now(), process_cpu_seconds()));
         }
         if feeder.handle.is_finished() && all_committed(&running, &feeder.deliveries.end_offsets())
         {
@@ -342,7 +380,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         }
         actix::clock::sleep(Duration::from_millis(1)).await;
     }
-    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let (seconds, cpu_seconds) = since(first);
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     let latency = running.topology.take_latency();
     let (produced, duplicates) = feeder.join()?;
@@ -372,11 +410,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     drop(store);
     drop(broker);
 
-    let aggregator = Workload {
-        events: consumed,
-        seconds,
-        events_per_sec: consumed as f64 / seconds.max(1e-9),
-    };
+    let aggregator = Workload::new(consumed, seconds, cpu_seconds);
     Ok(BenchReport {
         events: options.events,
         keys: options.keys,
@@ -427,8 +461,8 @@ pub fn render(r: &BenchReport) -> String {
     let baseline_latency = percentiles(r.baseline_latency_ms);
     format!(
         "events {} | keys {} | 7 topics x {} partitions | offered {} | commit interval {} ms\n\
-         baseline   (bare consumer) {:>10.0} events/s ({:.2} s)\n\
-         aggregator (full service)  {:>10.0} events/s ({:.2} s)\n\
+         baseline   (bare consumer) {:>10.0} events/s ({:.2} s, CPU {:.1} us/event)\n\
+         aggregator (full service)  {:>10.0} events/s ({:.2} s, CPU {:.1} us/event)\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          latency produce->parsed (bare consumer): {baseline_latency}\n\
@@ -446,8 +480,10 @@ pub fn render(r: &BenchReport) -> String {
         r.commit_interval_ms,
         r.baseline.events_per_sec,
         r.baseline.seconds,
+        r.baseline.cpu_us_per_event,
         r.aggregator.events_per_sec,
         r.aggregator.seconds,
+        r.aggregator.cpu_us_per_event,
         r.ratio,
         r.peak_rss_mib,
         r.store_bytes as f64 / (1024.0 * 1024.0),
@@ -467,4 +503,34 @@ pub fn render(r: &BenchReport) -> String {
         r.counts[4],
         r.counts[5],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_cpu_time_grows_while_a_thread_spins() {
+        let start = process_cpu_seconds();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut spins = 0u64;
+        // A few clock ticks of CPU, however long the shared machine takes to give them.
+        while process_cpu_seconds() - start < 0.05 && Instant::now() < deadline {
+            for _ in 0..100_000 {
+                spins = std::hint::black_box(spins.wrapping_add(1));
+            }
+        }
+        assert!(
+            process_cpu_seconds() - start >= 0.05,
+            "CPU time did not grow: {start} s then {} s",
+            process_cpu_seconds()
+        );
+    }
+
+    #[test]
+    fn a_workload_reports_cpu_per_event() {
+        let w = Workload::new(1_000, 2.0, 0.05);
+        assert_eq!(w.events_per_sec, 500.0);
+        assert!((w.cpu_us_per_event - 50.0).abs() < 1e-9);
+    }
 }
