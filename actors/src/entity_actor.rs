@@ -11,7 +11,7 @@ use actix::prelude::*;
 use crate::aggregate::Aggregate;
 use crate::envelope::{Event, Rejection};
 use crate::kill::{injected_panic, Kill};
-use crate::ledger::{Stage, Verdict};
+use crate::ledger::{Applied, Verdict};
 use crate::partition_supervisor::ReplayEntity;
 use crate::pipeline::Pipeline;
 use crate::record::Record;
@@ -41,7 +41,8 @@ pub struct EntityActor {
     partition: i32,
     /// Which actor of the key this is; the dedup actor refuses work of incarnations it fenced off.
     incarnation: u64,
-    /// Shared with the ledger while it is staged: copied before the next change if still so.
+    /// Shared with the ledger while staged; changed through [`crate::ledger::Ledger::fold_and_stage`],
+    /// which copies it only while a write under way holds it.
     view: Option<Arc<Aggregate>>,
     pipeline: Arc<Pipeline>,
     mailbox: Arc<AtomicUsize>,
@@ -130,26 +131,28 @@ impl EntityActor {
             .view
             .as_mut()
             .expect("the view is loaded in started() before any message is handled");
-        let folded = if p.rule_faults.take() {
-            Err("injected rule fault".to_string())
-        } else {
-            // Copied first only if the ledger still holds the view staged by the last event.
-            Arc::make_mut(view)
-                .apply(&p.rules, &mut apply.event)
-                .map_err(|e| e.to_string())
-        };
+        let partition = self.partition;
+        let event = &mut apply.event;
+        let folded = p.ledger.fold_and_stage(view, self.incarnation, |view| {
+            if p.rule_faults.take() {
+                return Err("injected rule fault".to_string());
+            }
+            view.apply(&p.rules, event).map_err(|e| e.to_string())?;
+            Ok(Applied {
+                partition,
+                message_id: std::mem::take(&mut event.message_id),
+                origin: event.origin.clone(),
+                source: event.source,
+            })
+        });
         let Apply { event, record } = apply;
         match folded {
-            Ok(()) => {
-                p.ledger.stage(Stage {
-                    source: event.source,
-                    partition: self.partition,
-                    message_id: event.message_id,
-                    view: view.clone(),
-                    origin: event.origin,
-                    incarnation: self.incarnation,
-                });
-                self.finished(&record);
+            Ok(true) => self.finished(&record),
+            Ok(false) => {
+                // Fenced off by a restarted dedup actor while a failed rule was retried: as for
+                // a stale check, a new actor takes over from the rewound partitions.
+                tracing::debug!(key = %self.key, "fenced off by a restarted dedup actor");
+                ctx.stop();
             }
             Err(e) if retries < p.rule_retries => {
                 p.metrics.fault("rule");

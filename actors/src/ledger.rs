@@ -35,8 +35,7 @@ pub struct Stage {
     pub partition: i32,
     /// The message id.
     pub message_id: String,
-    /// The view after the event; the entity actor copies it before its next change if the ledger
-    /// still holds it.
+    /// The view after the event.
     pub view: Arc<Aggregate>,
     /// The record applied.
     pub origin: Origin,
@@ -44,6 +43,18 @@ pub struct Stage {
     pub source: usize,
     /// The staging entity actor's incarnation.
     pub incarnation: u64,
+}
+
+/// What a fold hands the ledger to stage with the view it changed: [`Stage`] but the view.
+pub struct Applied {
+    /// Partition the marker lives in.
+    pub partition: i32,
+    /// The message id.
+    pub message_id: String,
+    /// The record applied.
+    pub origin: Origin,
+    /// Index of the event's source.
+    pub source: usize,
 }
 
 /// Work applied since the last write: written together or not at all.
@@ -140,6 +151,8 @@ pub struct Ledger {
     /// Resets so far: a partition supervisor started before the last one routes nothing more.
     generation: AtomicU64,
     topology: Arc<Topology>,
+    /// Fills a staged view's slot while its actor changes the view in place.
+    placeholder: Arc<Aggregate>,
 }
 
 impl Ledger {
@@ -152,6 +165,7 @@ impl Ledger {
             }),
             generation: AtomicU64::new(0),
             topology,
+            placeholder: Arc::default(),
         }
     }
 
@@ -198,7 +212,58 @@ impl Ledger {
         if msg.incarnation <= state.fence {
             return false;
         }
-        let state = &mut *state;
+        self.stage_locked(&mut state, msg);
+        true
+    }
+
+    /// Folds an event into `view` and stages the result, in one step under the ledger's lock.
+    /// The view this actor staged last, if no write has taken it yet, is let go by the ledger
+    /// rather than copied: a view is copied only while a write under way still holds it.
+    /// `Ok(false)` if the actor is fenced off (nothing is applied); `Err` if the fold failed,
+    /// which leaves the view and the ledger as they were.
+    pub fn fold_and_stage<E>(
+        &self,
+        view: &mut Arc<Aggregate>,
+        incarnation: u64,
+        fold: impl FnOnce(&mut Aggregate) -> Result<Applied, E>,
+    ) -> Result<bool, E> {
+        let mut state = self.lock();
+        if incarnation <= state.fence {
+            return Ok(false);
+        }
+        let held = match state.staged.views.get_mut(&view.key) {
+            Some((staged, _)) if Arc::ptr_eq(staged, view) => {
+                *staged = self.placeholder.clone();
+                true
+            }
+            _ => false,
+        };
+        let folded = fold(Arc::make_mut(view));
+        let applied = match folded {
+            Ok(applied) => applied,
+            Err(e) => {
+                if held {
+                    // The fold changed nothing: the slot gets back the view it held.
+                    if let Some((staged, _)) = state.staged.views.get_mut(&view.key) {
+                        *staged = view.clone();
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let msg = Stage {
+            partition: applied.partition,
+            message_id: applied.message_id,
+            view: view.clone(),
+            origin: applied.origin,
+            source: applied.source,
+            incarnation,
+        };
+        self.stage_locked(&mut state, msg);
+        Ok(true)
+    }
+
+    fn stage_locked(&self, state: &mut State, msg: Stage) {
         state
             .staged
             .markers
@@ -221,7 +286,6 @@ impl Ledger {
         state.done.push(msg.origin);
         state.applied.push(msg.source);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
-        true
     }
 
     /// The staged (or being written) view of `key`: the latest.
@@ -448,6 +512,61 @@ mod tests {
             (8, 4),
             "four applied, four duplicates found"
         );
+    }
+
+    fn applied(id: &str) -> Applied {
+        Applied {
+            partition: 0,
+            message_id: id.into(),
+            origin: origin(0),
+            source: 0,
+        }
+    }
+
+    fn bump(view: &mut Aggregate, id: &str) -> Result<Applied, String> {
+        view.events_applied += 1;
+        Ok(applied(id))
+    }
+
+    #[test]
+    fn a_fold_changes_the_staged_view_in_place_and_copies_one_a_write_holds() {
+        let (l, _dir) = ledger();
+        let mut view = Arc::new(Aggregate::new("k", 0));
+        assert_eq!(l.fold_and_stage(&mut view, 1, |v| bump(v, "m1")), Ok(true));
+        let staged = Arc::as_ptr(&view);
+        assert_eq!(l.fold_and_stage(&mut view, 1, |v| bump(v, "m2")), Ok(true));
+        assert_eq!(Arc::as_ptr(&view), staged, "not copied: no write holds it");
+        assert_eq!(l.view("k").map(|v| v.events_applied), Some(2));
+        let taken = l.take().expect("staged");
+        assert_eq!(taken.staged.views["k"].1, vec!["m1", "m2"]);
+        assert_eq!(l.fold_and_stage(&mut view, 1, |v| bump(v, "m3")), Ok(true));
+        assert_ne!(Arc::as_ptr(&view), staged, "copied: the write holds it");
+        assert_eq!(
+            taken.staged.views["k"].0.events_applied, 2,
+            "the write's snapshot is unchanged"
+        );
+        assert_eq!(l.view("k").map(|v| v.events_applied), Some(3));
+    }
+
+    #[test]
+    fn a_failed_or_fenced_fold_leaves_the_view_and_the_ledger_as_they_were() {
+        let (l, _dir) = ledger();
+        let mut view = Arc::new(Aggregate::new("k", 0));
+        assert_eq!(l.fold_and_stage(&mut view, 2, |v| bump(v, "m1")), Ok(true));
+        let failed = l.fold_and_stage(&mut view, 2, |_| Err::<Applied, _>("no".to_string()));
+        assert_eq!(failed, Err("no".to_string()));
+        let staged = l.view("k").expect("still staged");
+        assert!(Arc::ptr_eq(&staged, &view), "the slot holds the view again");
+        assert_eq!(staged.events_applied, 1);
+        l.reset(|| 2);
+        let mut folded = false;
+        let fenced = l.fold_and_stage(&mut view, 2, |v| {
+            folded = true;
+            bump(v, "m2")
+        });
+        assert_eq!(fenced, Ok(false));
+        assert!(!folded, "a fenced-off actor applies nothing");
+        assert_eq!(view.events_applied, 1);
     }
 
     #[test]
