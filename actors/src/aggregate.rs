@@ -1,14 +1,13 @@
 //! The aggregate: one JSON document per entity key, and the fold that applies an event to it
 //! according to the configured rules.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::envelope::{json_type, Body, Envelope, Event};
 use crate::json_fields::Fields;
 use crate::rules::{RuleConfig, RuleKind, Rules};
+use crate::small_map::SmallMap;
 
 /// The live view of one entity.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -22,12 +21,12 @@ pub struct Aggregate {
     /// Latest event time seen, in milliseconds since the epoch.
     pub updated_at_ms: i64,
     /// Per source: the latest state it transferred.
-    pub sources: BTreeMap<String, SourceSection>,
+    pub sources: SmallMap<String, SourceSection>,
     /// Events applied per code.
-    pub counters: BTreeMap<String, u64>,
+    pub counters: SmallMap<String, u64>,
     /// The figures the rules derive, by rule name.
     #[serde(with = "crate::json_fields::values_as_text")]
-    pub figures: BTreeMap<String, Value>,
+    pub figures: SmallMap<String, Value>,
 }
 
 /// The latest state one source transferred about the entity.
@@ -245,6 +244,11 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
+    /// A map key, for indexing the view's maps.
+    fn key(name: &str) -> String {
+        name.to_string()
+    }
+
     fn source(name: &str, delete: &[&str]) -> SourceConfig {
         SourceConfig {
             name: name.into(),
@@ -384,14 +388,17 @@ mod tests {
             &mut event(&r, "orders", 3, "CANCELLED", json!({"id": 3})),
         )
         .unwrap();
-        assert_eq!(agg.figures["orders"], json!(3));
-        assert_eq!(agg.figures["total"], json!(42.5));
-        assert_eq!(agg.figures["smallest"], json!(2.5));
-        assert_eq!(agg.figures["largest"], json!(30));
-        assert_eq!(agg.figures["mean"]["count"], json!(3));
-        assert_eq!(agg.figures["mean"]["avg"].as_f64().unwrap(), 42.5 / 3.0);
-        assert_eq!(agg.counters["CREATED"], 3);
-        assert_eq!(agg.counters["CANCELLED"], 1);
+        assert_eq!(agg.figures[&key("orders")], json!(3));
+        assert_eq!(agg.figures[&key("total")], json!(42.5));
+        assert_eq!(agg.figures[&key("smallest")], json!(2.5));
+        assert_eq!(agg.figures[&key("largest")], json!(30));
+        assert_eq!(agg.figures[&key("mean")]["count"], json!(3));
+        assert_eq!(
+            agg.figures[&key("mean")]["avg"].as_f64().unwrap(),
+            42.5 / 3.0
+        );
+        assert_eq!(agg.counters[&key("CREATED")], 3);
+        assert_eq!(agg.counters[&key("CANCELLED")], 1);
         assert_eq!(agg.events_applied, 4);
         assert_eq!(agg.updated_at_ms, 1003);
     }
@@ -407,8 +414,8 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(agg.figures["last_order"], json!(4));
-        assert_eq!(agg.figures["recent"], json!([2, 3, 4]));
+        assert_eq!(agg.figures[&key("last_order")], json!(4));
+        assert_eq!(agg.figures[&key("recent")], json!([2, 3, 4]));
     }
 
     #[test]
@@ -431,8 +438,8 @@ mod tests {
             &mut event(&r, "loyalty", 1, "REDEEMED", json!({"points": 30})),
         )
         .unwrap();
-        assert_eq!(agg.figures["points"], json!(70));
-        let section = &agg.sources["loyalty"];
+        assert_eq!(agg.figures[&key("points")], json!(70));
+        let section = &agg.sources[&key("loyalty")];
         assert_eq!(
             section.state.to_value(),
             json!({"points": 30, "tier": "gold"})
@@ -461,7 +468,7 @@ mod tests {
         tomb.body = Body::Tombstone;
         agg.apply(&r, &mut tomb).unwrap();
         assert!(agg.sources.is_empty());
-        assert_eq!(agg.counters["TOMBSTONE"], 1);
+        assert_eq!(agg.counters[&key("TOMBSTONE")], 1);
     }
 
     #[test]

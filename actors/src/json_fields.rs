@@ -2,17 +2,17 @@
 //! envelope transfers and the state a view's section holds. Merging replaces whole fields and
 //! encoding copies their text, so that folding and writing a view build no tree per value.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
+
+use crate::small_map::SmallMap;
 
 /// A JSON value: an object by its fields, each as JSON text, or any other value as JSON text.
 #[derive(Clone, Debug)]
 pub enum Fields {
     /// An object, field name to the field's JSON text.
-    Object(BTreeMap<String, Box<RawValue>>),
+    Object(SmallMap<String, Box<RawValue>>),
     /// Anything but an object, as JSON text.
     Other(Box<RawValue>),
 }
@@ -132,14 +132,14 @@ impl<'de> Deserialize<'de> for Fields {
 /// Serde adapter for JSON values in formats that are not human-readable: each value as its JSON
 /// text (such formats cannot read a value whose type the data alone tells).
 pub(crate) mod values_as_text {
-    use std::collections::BTreeMap;
-
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use serde_json::Value;
 
+    use crate::small_map::SmallMap;
+
     /// Writes `values`: as they are in JSON, each as its text otherwise.
     pub(crate) fn serialize<S: Serializer>(
-        values: &BTreeMap<String, Value>,
+        values: &SmallMap<String, Value>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
@@ -155,9 +155,9 @@ pub(crate) mod values_as_text {
     /// Reads what [`serialize`] wrote.
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
-    ) -> Result<BTreeMap<String, Value>, D::Error> {
+    ) -> Result<SmallMap<String, Value>, D::Error> {
         if deserializer.is_human_readable() {
-            return BTreeMap::deserialize(deserializer);
+            return SmallMap::deserialize(deserializer);
         }
         Vec::<(String, String)>::deserialize(deserializer)?
             .into_iter()
@@ -189,7 +189,7 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-        let mut fields = BTreeMap::new();
+        let mut fields = SmallMap::new();
         while let Some(name) = map.next_key::<String>()? {
             fields.insert(name, map.next_value::<Box<RawValue>>()?);
         }

@@ -22,6 +22,7 @@ pub mod partition_supervisor;
 pub mod pipeline;
 pub mod record;
 pub mod rules;
+pub mod small_map;
 pub mod store;
 pub mod topology;
 pub mod view_codec;

@@ -112,6 +112,44 @@ mod tests {
         assert_eq!(served, serde_json::to_value(&view).expect("json"));
     }
 
+    /// A view as the versions that kept its maps as B-tree maps encoded it.
+    #[derive(serde::Serialize)]
+    struct BTreeView<'a> {
+        key: &'a str,
+        partition: i32,
+        events_applied: u64,
+        updated_at_ms: i64,
+        sources: std::collections::BTreeMap<&'a str, &'a SourceSection>,
+        counters: std::collections::BTreeMap<&'a str, u64>,
+        figures: Vec<(&'a str, String)>,
+    }
+
+    #[test]
+    fn views_encode_exactly_as_when_their_maps_were_b_trees() {
+        let view = view();
+        let before = BTreeView {
+            key: &view.key,
+            partition: view.partition,
+            events_applied: view.events_applied,
+            updated_at_ms: view.updated_at_ms,
+            sources: view.sources.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+            counters: view
+                .counters
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect(),
+            figures: view
+                .figures
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.to_string()))
+                .collect(),
+        };
+        let mut bytes = vec![BINARY_V1];
+        bytes.extend(postcard::to_allocvec(&before).expect("encodes"));
+        assert_eq!(encode(&view).expect("encodes"), bytes);
+        assert_eq!(decode(&bytes).expect("decodes"), view);
+    }
+
     #[test]
     fn views_stored_as_json_are_still_read() {
         let view = view();
