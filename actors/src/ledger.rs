@@ -9,6 +9,7 @@
 //! order they were taken, which is the order the store applies them in.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -238,17 +239,22 @@ impl Ledger {
             }
             _ => false,
         };
-        let folded = fold(Arc::make_mut(view));
+        // A panic must not leave the placeholder staged for the next write: the slot gets the
+        // view back before the panic goes on (`Aggregate::apply` reads every input before it
+        // changes anything, so the view is whole).
+        let folded = std::panic::catch_unwind(AssertUnwindSafe(|| fold(Arc::make_mut(view))));
+        if held && !matches!(folded, Ok(Ok(_))) {
+            // The fold changed nothing: the slot gets back the view it held.
+            if let Some((staged, _)) = state.staged.views.get_mut(&view.key) {
+                *staged = view.clone();
+            }
+        }
         let applied = match folded {
-            Ok(applied) => applied,
-            Err(e) => {
-                if held {
-                    // The fold changed nothing: the slot gets back the view it held.
-                    if let Some((staged, _)) = state.staged.views.get_mut(&view.key) {
-                        *staged = view.clone();
-                    }
-                }
-                return Err(e);
+            Ok(Ok(applied)) => applied,
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => {
+                drop(state);
+                std::panic::resume_unwind(panic)
             }
         };
         let msg = Stage {
@@ -549,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_or_fenced_fold_leaves_the_view_and_the_ledger_as_they_were() {
+    fn a_failed_panicking_or_fenced_fold_leaves_the_view_and_the_ledger_as_they_were() {
         let (l, _dir) = ledger();
         let mut view = Arc::new(Aggregate::new("k", 0));
         assert_eq!(l.fold_and_stage(&mut view, 2, |v| bump(v, "m1")), Ok(true));
@@ -558,6 +564,17 @@ mod tests {
         let staged = l.view("k").expect("still staged");
         assert!(Arc::ptr_eq(&staged, &view), "the slot holds the view again");
         assert_eq!(staged.events_applied, 1);
+        let panicked = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            l.fold_and_stage(&mut view, 2, |_| -> Result<Applied, String> {
+                panic!("a bug")
+            })
+        }));
+        assert!(panicked.is_err());
+        let staged = l.view("k").expect("still staged");
+        assert!(
+            Arc::ptr_eq(&staged, &view),
+            "a panicking fold leaves no placeholder staged"
+        );
         l.reset(|| 2);
         let mut folded = false;
         let fenced = l.fold_and_stage(&mut view, 2, |v| {
