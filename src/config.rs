@@ -332,6 +332,16 @@ impl Config {
         )
     }
 
+    /// Parses TOML text and the environment, then validates: a configuration built in, such as
+    /// the shipped one the bench runs when no file is given, overridable as a file is.
+    pub fn from_toml_and_env(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::empty()))
+                .merge(Toml::string(text))
+                .merge(Env::prefixed(ENV_PREFIX).split("__")),
+        )
+    }
+
     fn empty() -> Self {
         Config {
             kafka: KafkaConfig::default(),
@@ -514,6 +524,19 @@ mod tests {
                 err.to_lowercase().contains("tuning.commit_interval_ms"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type.
+    fn environment_overrides_a_built_in_configuration() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AGGREGATOR_TUNING__MAX_LIVE_ENTITIES", "1234");
+            let config = Config::from_toml_and_env(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.tuning.max_live_entities, 1234);
+            let plain = Config::from_toml(MINIMAL).map_err(|e| e.to_string())?;
+            assert_ne!(plain.tuning.max_live_entities, 1234);
             Ok(())
         });
     }

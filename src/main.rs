@@ -31,7 +31,8 @@ enum Command {
     /// Run everything in one process: embedded broker, simulated services, service and HTTP API.
     Demo {
         /// Configuration file (its sources and rules; the broker is the embedded one). The
-        /// shipped customer-360 configuration when unset.
+        /// shipped customer-360 configuration when unset. Either way every key can be
+        /// overridden with AGGREGATOR_<SECTION>__<KEY>.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Stop producing after N records, wait until all are applied and committed, and exit.
@@ -84,7 +85,8 @@ enum Command {
     },
     /// Measure the pipeline against a bare consumer on the embedded broker, in one process.
     Bench {
-        /// Configuration file (sources and rules); the shipped one when unset.
+        /// Configuration file (sources and rules); the shipped one when unset. Either way every
+        /// key can be overridden with AGGREGATOR_<SECTION>__<KEY>.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Events per workload.
@@ -275,7 +277,7 @@ fn write_json(report: &impl serde::Serialize, path: &std::path::Path) -> anyhow:
 fn load_or_shipped(config: &Option<PathBuf>) -> anyhow::Result<Config> {
     match config {
         Some(path) => Config::load(path),
-        None => Config::from_toml(SHIPPED_CONFIG),
+        None => Config::from_toml_and_env(SHIPPED_CONFIG),
     }
     .context("refusing to start: bad configuration")
 }
