@@ -30,23 +30,8 @@ pub enum Verdict {
     Stale,
 }
 
-/// The event `message_id` was applied to `view`: write both in the next batch.
-pub struct Stage {
-    /// Partition the marker lives in.
-    pub partition: i32,
-    /// The message id.
-    pub message_id: String,
-    /// The view after the event.
-    pub view: Arc<Aggregate>,
-    /// The record applied.
-    pub origin: Origin,
-    /// Index of the event's source, for the `applied` count once the effect is stored.
-    pub source: usize,
-    /// The staging entity actor's incarnation.
-    pub incarnation: u64,
-}
-
-/// What a fold hands the ledger to stage with the view it changed: [`Stage`] but the view.
+/// The event `message_id` was applied: what a fold hands the ledger, to write its marker with
+/// the view it changed in the next batch.
 pub struct Applied {
     /// Partition the marker lives in.
     pub partition: i32,
@@ -54,7 +39,7 @@ pub struct Applied {
     pub message_id: String,
     /// The record applied.
     pub origin: Origin,
-    /// Index of the event's source.
+    /// Index of the event's source, for the `applied` count once the effect is stored.
     pub source: usize,
 }
 
@@ -206,21 +191,11 @@ impl Ledger {
         Ok(Verdict::New)
     }
 
-    /// Stages an applied event; `false` if the actor is fenced off (its record is read again and
-    /// applied by a new actor).
-    pub fn stage(&self, msg: Stage) -> bool {
-        let mut state = self.lock();
-        if msg.incarnation <= state.fence {
-            return false;
-        }
-        self.stage_locked(&mut state, msg);
-        true
-    }
-
     /// Folds an event into `view` and stages the result, in one step under the ledger's lock.
     /// The view this actor staged last, if no write has taken it yet, is let go by the ledger
     /// rather than copied: a view is copied only while a write under way still holds it.
-    /// `Ok(false)` if the actor is fenced off (nothing is applied); `Err` if the fold failed,
+    /// `Ok(false)` if the actor is fenced off (nothing is applied; its record is read again and
+    /// applied by a new actor); `Err` if the fold failed,
     /// which leaves the view and the ledger as they were.
     pub fn fold_and_stage<E>(
         &self,
@@ -257,41 +232,29 @@ impl Ledger {
                 std::panic::resume_unwind(panic)
             }
         };
-        let msg = Stage {
-            partition: applied.partition,
-            message_id: applied.message_id,
-            view: view.clone(),
-            origin: applied.origin,
-            source: applied.source,
-            incarnation,
-        };
-        self.stage_locked(&mut state, msg);
-        Ok(true)
-    }
-
-    fn stage_locked(&self, state: &mut State, msg: Stage) {
         state
             .staged
             .markers
-            .entry(msg.partition)
+            .entry(applied.partition)
             .or_default()
-            .insert(msg.message_id.clone());
-        match state.staged.views.get_mut(&msg.view.key) {
-            Some((view, markers)) => {
-                *view = msg.view;
-                markers.push(msg.message_id);
+            .insert(applied.message_id.clone());
+        match state.staged.views.get_mut(&view.key) {
+            Some((staged, markers)) => {
+                *staged = view.clone();
+                markers.push(applied.message_id);
             }
             None => {
-                let key = msg.view.key.clone();
+                let key = view.key.clone();
                 state
                     .staged
                     .views
-                    .insert(key, (msg.view, vec![msg.message_id]));
+                    .insert(key, (view.clone(), vec![applied.message_id]));
             }
         }
-        state.done.push(msg.origin);
-        state.applied.push(msg.source);
+        state.done.push(applied.origin);
+        state.applied.push(applied.source);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The staged (or being written) view of `key`: the latest.
@@ -428,28 +391,22 @@ mod tests {
         }
     }
 
+    /// Stages `view` as it is, as applying event `id` by actor `incarnation`; `false` if fenced.
+    fn stage_as(ledger: &Ledger, id: &str, view: Aggregate, incarnation: u64) -> bool {
+        let staged = ledger.fold_and_stage(&mut Arc::new(view), incarnation, |_| {
+            Ok::<_, String>(applied(id))
+        });
+        staged.expect("the fold cannot fail")
+    }
+
     fn stage(ledger: &Ledger, id: &str, incarnation: u64) -> bool {
-        ledger.stage(Stage {
-            partition: 0,
-            message_id: id.into(),
-            view: Arc::new(Aggregate::new("k", 0)),
-            origin: origin(0),
-            source: 0,
-            incarnation,
-        })
+        stage_as(ledger, id, Aggregate::new("k", 0), incarnation)
     }
 
     fn stage_view(ledger: &Ledger, id: &str, key: &str, events: u64) -> bool {
         let mut view = Aggregate::new(key, 0);
         view.events_applied = events;
-        ledger.stage(Stage {
-            partition: 0,
-            message_id: id.into(),
-            view: Arc::new(view),
-            origin: origin(0),
-            source: 0,
-            incarnation: 1,
-        })
+        stage_as(ledger, id, view, 1)
     }
 
     #[test]

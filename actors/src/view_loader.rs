@@ -117,7 +117,7 @@ impl ViewLoader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::Stage;
+    use crate::ledger::Applied;
     use crate::record::{Origin, TopicPartition};
     use crate::store::{Store, WriteBatch};
 
@@ -144,17 +144,18 @@ mod tests {
 
         let mut newer = Aggregate::new("a", 1);
         newer.events_applied = 5;
-        assert!(ledger.stage(Stage {
-            partition: 1,
-            message_id: "m5".into(),
-            view: Arc::new(newer),
-            origin: Origin {
-                tp: TopicPartition::new("t", 1),
-                offset: 9,
-            },
-            source: 0,
-            incarnation: 1,
-        }));
+        let staged = ledger.fold_and_stage(&mut Arc::new(newer), 1, |_| {
+            Ok::<_, String>(Applied {
+                partition: 1,
+                message_id: "m5".into(),
+                origin: Origin {
+                    tp: TopicPartition::new("t", 1),
+                    offset: 9,
+                },
+                source: 0,
+            })
+        });
+        assert_eq!(staged, Ok(true));
         let loaded = loader.load("a".into()).await.expect("answered");
         assert_eq!(
             loaded.expect("read").map(|v| v.events_applied),
