@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aggregator_actors::{ParseLimits, RuleConfig, Rules, RulesError, SourceConfig};
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Data, Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -318,11 +318,7 @@ impl Config {
                 reason: "no such file",
             });
         }
-        Self::from_figment(
-            Figment::from(Serialized::defaults(Config::empty()))
-                .merge(Toml::file(path))
-                .merge(Env::prefixed(ENV_PREFIX).split("__")),
-        )
+        Self::from_toml_source_and_env(Toml::file(path))
     }
 
     /// Parses TOML text (no environment), then validates. Used by tests and the demo.
@@ -335,9 +331,14 @@ impl Config {
     /// Parses TOML text and the environment, then validates: a configuration built in, such as
     /// the shipped one the bench runs when no file is given, overridable as a file is.
     pub fn from_toml_and_env(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_source_and_env(Toml::string(text))
+    }
+
+    /// The defaults, then `toml`, then the environment, validated.
+    fn from_toml_source_and_env(toml: Data<Toml>) -> Result<Self, ConfigError> {
         Self::from_figment(
             Figment::from(Serialized::defaults(Config::empty()))
-                .merge(Toml::string(text))
+                .merge(toml)
                 .merge(Env::prefixed(ENV_PREFIX).split("__")),
         )
     }
