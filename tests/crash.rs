@@ -33,7 +33,11 @@ fn spawn_service(config: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_aggregator"))
         .args(["run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "warn")
+        // Assignment, restore and supervisors at info for a failure's report; not each dead letter.
+        .env(
+            "RUST_LOG",
+            "warn,aggregator=info,aggregator_actors=info,aggregator_actors::dead_letter=warn",
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -68,6 +72,18 @@ async fn metrics_text(http: &str) -> String {
         .text()
         .await
         .expect("metrics body")
+}
+
+/// Panics with `what`, the service's `/topology` and the end of its log.
+async fn fail_with(what: &str, http: &str, log: &Path) -> ! {
+    let topology = match reqwest::get(format!("{http}/topology")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(e) => format!("unavailable: {e}"),
+    };
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+    panic!("{what}\n--- /topology:\n{topology}\n--- the service's log, last 200 lines:\n{tail}");
 }
 
 /// Records this run of the service applied or dropped as seen before.
@@ -140,7 +156,9 @@ async fn sigkilled_while_producing_then_restarted_on_the_same_store_loses_and_do
         // A random moment once this run is processing.
         let deadline = Instant::now() + Duration::from_secs(60);
         while processed(&http).await == 0.0 {
-            assert!(Instant::now() < deadline, "no record processed within 60 s");
+            if Instant::now() > deadline {
+                fail_with("no record processed within 60 s", &http, &log).await;
+            }
             actix::clock::sleep(Duration::from_millis(20)).await;
         }
         actix::clock::sleep(Duration::from_millis(rng.random_range(100..2_000))).await;
@@ -148,6 +166,11 @@ async fn sigkilled_while_producing_then_restarted_on_the_same_store_loses_and_do
         child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
         child.wait().expect("reaped");
         kills += 1;
+        // Tansu 0.6.0 does not re-form a group whose leader died while another member joined:
+        // the newcomer stayed in the dead leader's generation with nothing assigned, for
+        // minutes. Once the killed member's session is over, the next start finds the group
+        // without it and leads it.
+        actix::clock::sleep(Duration::from_millis(config.kafka.session_timeout_ms + 500)).await;
         eprintln!(
             "SIGKILL {kills}: this run applied {} events and dropped {} as seen before; committed {committed_before} -> {}",
             metric_sum(&metrics, "aggregator_applied_total"),
@@ -170,10 +193,10 @@ async fn sigkilled_while_producing_then_restarted_on_the_same_store_loses_and_do
         {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not committed to the end: {committed:?} vs {ends:?}"
-        );
+        if Instant::now() > deadline {
+            let what = format!("not committed to the end: {committed:?} vs {ends:?}");
+            fail_with(&what, &http, &log).await;
+        }
         actix::clock::sleep(Duration::from_millis(200)).await;
     }
 

@@ -81,6 +81,7 @@ pub fn group_committed(config: &Config) -> BTreeMap<(String, i32), i64> {
 pub async fn setup_tansu() -> (tempfile::TempDir, Config, tansu::TansuBroker) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut config = test_config(&dir.path().join("store"));
+    tansu::TansuBroker::tune_group_timeouts(&mut config);
     let broker = tansu::TansuBroker::start(&config, PARTITIONS).await;
     config.kafka.brokers = broker.bootstrap_servers();
     (dir, config, broker)

@@ -96,6 +96,15 @@ impl TansuBroker {
         }
     }
 
+    /// Sets a session timeout Tansu 0.6.0 can keep. Its coordinator holds a member's JoinGroup
+    /// 3 s before answering while another member leads, and dates the member's session from the
+    /// request: with the embedded broker's 3 s session, a member that had just joined was
+    /// expired half a second after its answer, and Tansu, keeping its id as the group's leader,
+    /// refused every later member at SyncGroup ("Unknown member") for minutes.
+    pub fn tune_group_timeouts(config: &mut Config) {
+        config.kafka.session_timeout_ms = 6_000;
+    }
+
     /// The broker's `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> String {
         self.bootstrap.clone()
