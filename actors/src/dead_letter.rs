@@ -71,6 +71,7 @@ impl DeadLetterer {
             detail: rejection.to_string(),
         };
         let this = self.clone();
+        this.metrics.dead_letters_pending.inc();
         actix::spawn(async move {
             let mut delay = RETRY_FIRST;
             while let Err(e) = this.sink.publish(&letter).await {
@@ -79,10 +80,107 @@ impl DeadLetterer {
                 actix::clock::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);
             }
+            this.metrics.dead_letters_pending.dec();
             this.metrics.dead_lettered(&letter.source, letter.reason);
             this.committer.do_send(Completed {
                 origins: vec![letter.record.origin],
             });
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use actix::prelude::*;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::record::{Origin, TopicPartition};
+    use crate::rules::{Rules, SourceConfig};
+
+    /// A sink that refuses every dead letter while `down` is set.
+    struct Flaky {
+        down: Arc<AtomicBool>,
+    }
+
+    impl DeadLetterSink for Flaky {
+        fn publish(&self, _: &DeadLetter) -> PublishFuture {
+            let down = self.down.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if down {
+                    Err("broker unreachable".to_string())
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    /// Forwards the completed origins to the test.
+    struct Completions(mpsc::UnboundedSender<Vec<Origin>>);
+
+    impl Actor for Completions {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Completed> for Completions {
+        type Result = ();
+
+        fn handle(&mut self, msg: Completed, _: &mut Self::Context) {
+            let _ = self.0.send(msg.origins);
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_dead_letter_is_pending_until_stored_and_only_then_completes_its_offset() {
+        let orders = SourceConfig {
+            name: "orders".into(),
+            topic: "orders".into(),
+            key_pointer: None,
+            delete_codes: vec![],
+        };
+        let metrics = Arc::new(Metrics::new(
+            &Rules::new(vec![orders], vec![]).expect("rules"),
+        ));
+        let down = Arc::new(AtomicBool::new(true));
+        let (tx, mut completed) = mpsc::unbounded_channel();
+        let letters = DeadLetterer::new(
+            Arc::new(Flaky { down: down.clone() }),
+            Completions(tx).start().recipient(),
+            metrics.clone(),
+        );
+        let origin = Origin {
+            tp: TopicPartition::new("orders", 1),
+            offset: 1_100,
+        };
+        let record = Record {
+            origin: origin.clone(),
+            key: Some(b"C1".to_vec()),
+            value: Some(b"{".to_vec()),
+            headers: vec![],
+            timestamp_ms: None,
+            finished: Default::default(),
+        };
+        letters.send(record, "orders", &Rejection::RuleFailed("bad".into()));
+        assert_eq!(metrics.dead_letters_pending.get(), 1);
+
+        // Two refused attempts (50 ms apart): still pending, nothing completed.
+        actix::clock::sleep(Duration::from_millis(120)).await;
+        assert_eq!(metrics.dead_letters_pending.get(), 1);
+        assert!(
+            completed.try_recv().is_err(),
+            "completed before it was stored"
+        );
+
+        down.store(false, Ordering::SeqCst);
+        let origins = tokio::time::timeout(Duration::from_secs(10), completed.recv())
+            .await
+            .expect("completed once the sink took it")
+            .expect("the completions actor is alive");
+        assert_eq!(origins, vec![origin]);
+        assert_eq!(metrics.dead_letters_pending.get(), 0);
+        assert_eq!(metrics.dead_lettered_total(), 1);
     }
 }

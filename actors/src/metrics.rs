@@ -30,6 +30,8 @@ pub struct Metrics {
     pub mailbox_depth: IntGauge,
     /// Entity actors alive.
     pub entity_actors: IntGauge,
+    /// Dead letters handed to the sink and not yet stored: their offsets cannot commit until then.
+    pub dead_letters_pending: IntGauge,
     /// Records handed again to a new entity actor after the previous one died.
     pub replayed: IntCounter,
     /// Entity actors that stopped with work pending (killed or panicked).
@@ -107,6 +109,10 @@ impl Metrics {
         };
         let mailbox_depth = gauge("mailbox_depth", "Events waiting in entity mailboxes.");
         let entity_actors = gauge("entity_actors", "Entity actors alive.");
+        let dead_letters_pending = gauge(
+            "dead_letters_pending",
+            "Dead letters handed to the dead-letter topic and not yet stored there.",
+        );
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
             registry
@@ -169,6 +175,7 @@ impl Metrics {
             lag,
             mailbox_depth,
             entity_actors,
+            dead_letters_pending,
             replayed,
             entity_deaths,
             entity_passivations,

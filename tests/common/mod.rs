@@ -241,7 +241,8 @@ pub async fn wait_committed(
     while !all_committed(service, ends) {
         assert!(
             Instant::now() < deadline,
-            "not committed within {timeout:?}: ends {ends:?}\n{}",
+            "not committed within {timeout:?}: ends {ends:?}, {} dead letters pending\n{}",
+            service.metrics.dead_letters_pending.get(),
             serde_json::to_string_pretty(&service.topology.snapshot(5)).unwrap_or_default()
         );
         actix::clock::sleep(Duration::from_millis(50)).await;
