@@ -168,7 +168,7 @@ impl AggregatorContext {
                 tracing::error!(%tp, "the committer did not answer; leaving the partition for a rebalance");
                 continue;
             };
-            a.stats.in_flight.store(0, Ordering::Relaxed);
+            a.stats.rewound();
             // A committer that lost its bookkeeping does not know the lowest unfinished offset:
             // everything before the last successful commit is durable, so read again from there.
             let committed = Some(a.stats.committed.load(Ordering::Relaxed)).filter(|c| *c >= 0);

@@ -111,10 +111,19 @@ impl Unfinished {
             .collect()
     }
 
-    /// Forgets records below `committable`: their effects are durable.
+    /// Forgets records below `committable`: their effects are durable. It stops at the first
+    /// record no entity actor finished: a committable offset can run ahead of what this
+    /// supervisor routed (one published before a rewind, or a completion of the same offset
+    /// read before the rewind), and a record forgotten unfinished could not be handed to the
+    /// next actor of its key if the one holding it died.
     fn prune(&mut self, committable: i64) {
-        while let Some((offset, _)) = self.order.front() {
-            if *offset >= committable {
+        while let Some((offset, key)) = self.order.front() {
+            let finished = self
+                .by_key
+                .get(key)
+                .and_then(|list| list.front())
+                .is_some_and(|(_, record)| record.finished.get());
+            if *offset >= committable || !finished {
                 break;
             }
             let Some((_, key)) = self.order.pop_front() else {
@@ -394,11 +403,42 @@ mod tests {
                 .collect()
         };
         assert_eq!(offsets(&u, "a"), [0, 2, 3]);
+        for list in u.by_key.values() {
+            for (_, r) in list {
+                r.finished.set();
+            }
+        }
         u.prune(2);
         assert_eq!(offsets(&u, "a"), [2, 3]);
         assert!(!u.by_key.contains_key("b") && !u.sent_to.contains_key("b"));
         u.prune(10);
         assert!(u.by_key.is_empty() && u.order.is_empty());
+    }
+
+    #[test]
+    fn records_no_actor_finished_are_kept_below_a_committable_that_ran_ahead() {
+        // Read again after a rewind from 0, while the committable offset published for the
+        // records of the supervisor before it still says 3.
+        let mut u = Unfinished::default();
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "a")] {
+            u.push(key, record(offset));
+        }
+        u.by_key["a"][0].1.finished.set();
+        u.prune(3);
+        let left: Vec<i64> = u.order.iter().map(|(o, _)| *o).collect();
+        assert_eq!(left, [1, 2], "1 is unfinished: it and what follows stay");
+        let replay: Vec<i64> = u
+            .to_replay("b", None)
+            .iter()
+            .map(|r| r.origin.offset)
+            .collect();
+        assert_eq!(replay, [1], "the next actor of b is handed it again");
+        u.by_key["b"][0].1.finished.set();
+        u.prune(3);
+        assert_eq!(u.order.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [2]);
+        u.by_key["a"][0].1.finished.set();
+        u.prune(3);
+        assert!(u.order.is_empty() && u.by_key.is_empty());
     }
 
     #[test]

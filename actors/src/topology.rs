@@ -47,6 +47,14 @@ impl PartitionStats {
         }
     }
 
+    /// The partition is read again by a new supervisor: nothing of it is in flight, and what
+    /// may be committed is unknown until the committer has the new supervisor's records (an
+    /// offset published for the old supervisor's records may lie beyond the rewind).
+    pub fn rewound(&self) {
+        self.in_flight.store(0, Ordering::Relaxed);
+        self.committable.store(UNKNOWN, Ordering::Relaxed);
+    }
+
     /// High watermark minus position, when both are known.
     pub fn lag(&self) -> Option<i64> {
         let (hw, pos) = (
