@@ -118,23 +118,28 @@ impl Unfinished {
     /// next actor of its key if the one holding it died.
     fn prune(&mut self, committable: i64) {
         while let Some((offset, key)) = self.order.front() {
-            let finished = self
-                .by_key
-                .get(key)
-                .and_then(|list| list.front())
-                .is_some_and(|(_, record)| record.finished.get());
-            if *offset >= committable || !finished {
+            if *offset >= committable {
                 break;
             }
+            let emptied = match self.by_key.get_mut(key) {
+                Some(list) => {
+                    if !list
+                        .front()
+                        .is_some_and(|(_, record)| record.finished.get())
+                    {
+                        break;
+                    }
+                    list.pop_front();
+                    list.is_empty()
+                }
+                None => false,
+            };
             let Some((_, key)) = self.order.pop_front() else {
                 break;
             };
-            if let Some(list) = self.by_key.get_mut(&key) {
-                list.pop_front();
-                if list.is_empty() {
-                    self.by_key.remove(&key);
-                    self.sent_to.remove(&key);
-                }
+            if emptied {
+                self.by_key.remove(&key);
+                self.sent_to.remove(&key);
             }
         }
     }
