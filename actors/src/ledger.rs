@@ -203,11 +203,14 @@ impl Ledger {
         incarnation: u64,
         fold: impl FnOnce(&mut Aggregate) -> Result<Applied, E>,
     ) -> Result<bool, E> {
-        let mut state = self.lock();
-        if incarnation <= state.fence {
+        let mut guard = self.lock();
+        if incarnation <= guard.fence {
             return Ok(false);
         }
-        let held = match state.staged.views.get_mut(&view.key) {
+        let state = &mut *guard;
+        // The key's slot, looked up once: it gets the folded view, or its own back on failure.
+        let mut slot = state.staged.views.get_mut(&view.key);
+        let held = match slot.as_deref_mut() {
             Some((staged, _)) if Arc::ptr_eq(staged, view) => {
                 *staged = self.placeholder.clone();
                 true
@@ -220,7 +223,7 @@ impl Ledger {
         let folded = std::panic::catch_unwind(AssertUnwindSafe(|| fold(Arc::make_mut(view))));
         if held && !matches!(folded, Ok(Ok(_))) {
             // The fold changed nothing: the slot gets back the view it held.
-            if let Some((staged, _)) = state.staged.views.get_mut(&view.key) {
+            if let Some((staged, _)) = slot.as_deref_mut() {
                 *staged = view.clone();
             }
         }
@@ -228,29 +231,29 @@ impl Ledger {
             Ok(Ok(applied)) => applied,
             Ok(Err(e)) => return Err(e),
             Err(panic) => {
-                drop(state);
+                drop(guard);
                 std::panic::resume_unwind(panic)
             }
         };
-        state
-            .staged
-            .markers
-            .entry(applied.partition)
-            .or_default()
-            .insert(applied.message_id.clone());
-        match state.staged.views.get_mut(&view.key) {
+        match slot {
             Some((staged, markers)) => {
                 *staged = view.clone();
-                markers.push(applied.message_id);
+                markers.push(applied.message_id.clone());
             }
             None => {
                 let key = view.key.clone();
                 state
                     .staged
                     .views
-                    .insert(key, (view.clone(), vec![applied.message_id]));
+                    .insert(key, (view.clone(), vec![applied.message_id.clone()]));
             }
         }
+        state
+            .staged
+            .markers
+            .entry(applied.partition)
+            .or_default()
+            .insert(applied.message_id);
         state.done.push(applied.origin);
         state.applied.push(applied.source);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
