@@ -83,8 +83,59 @@ enum FieldsText<'a> {
 /// [`FieldsText`] read back.
 #[derive(Deserialize)]
 enum OwnedFieldsText {
-    Object(Vec<(String, String)>),
+    Object(TextMap<Box<RawValue>>),
     Other(String),
+}
+
+/// A value that can be read from its JSON text.
+trait FromJsonText: Sized {
+    fn from_json_text(text: String) -> serde_json::Result<Self>;
+}
+
+impl FromJsonText for Box<RawValue> {
+    fn from_json_text(text: String) -> serde_json::Result<Self> {
+        RawValue::from_string(text)
+    }
+}
+
+impl FromJsonText for Value {
+    fn from_json_text(text: String) -> serde_json::Result<Self> {
+        serde_json::from_str(&text)
+    }
+}
+
+/// A map written as a sequence of (name, JSON text) pairs, read straight into a map: a view
+/// read back builds no vector of pairs to collect from (the view loader decodes a view for every
+/// actor started again).
+struct TextMap<V>(SmallMap<String, V>);
+
+impl<'de, V: FromJsonText> Deserialize<'de> for TextMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(TextMapVisitor(std::marker::PhantomData))
+    }
+}
+
+struct TextMapVisitor<V>(std::marker::PhantomData<V>);
+
+impl<'de, V: FromJsonText> serde::de::Visitor<'de> for TextMapVisitor<V> {
+    type Value = TextMap<V>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of (name, JSON text) pairs")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // The hint comes from the data: bounded, so that a corrupt length allocates nothing.
+        let mut map = SmallMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some((name, text)) = seq.next_element::<(String, String)>()? {
+            let value = V::from_json_text(text).map_err(serde::de::Error::custom)?;
+            // Written in key order; anything else is still read, a later pair of a name winning.
+            if let Some((name, value)) = map.try_append(name, value) {
+                map.insert(name, value);
+            }
+        }
+        Ok(TextMap(map))
+    }
 }
 
 impl Serialize for Fields {
@@ -118,12 +169,7 @@ impl<'de> Deserialize<'de> for Fields {
         }
         let raw = |text: String| RawValue::from_string(text).map_err(serde::de::Error::custom);
         Ok(match OwnedFieldsText::deserialize(deserializer)? {
-            OwnedFieldsText::Object(fields) => Fields::Object(
-                fields
-                    .into_iter()
-                    .map(|(name, text)| Ok((name, raw(text)?)))
-                    .collect::<Result<_, D::Error>>()?,
-            ),
+            OwnedFieldsText::Object(TextMap(fields)) => Fields::Object(fields),
             OwnedFieldsText::Other(text) => Fields::Other(raw(text)?),
         })
     }
@@ -159,14 +205,7 @@ pub(crate) mod values_as_text {
         if deserializer.is_human_readable() {
             return SmallMap::deserialize(deserializer);
         }
-        Vec::<(String, String)>::deserialize(deserializer)?
-            .into_iter()
-            .map(|(name, text)| {
-                serde_json::from_str(&text)
-                    .map(|value| (name, value))
-                    .map_err(serde::de::Error::custom)
-            })
-            .collect()
+        super::TextMap::<Value>::deserialize(deserializer).map(|super::TextMap(values)| values)
     }
 }
 
@@ -291,6 +330,21 @@ mod tests {
         let back: Value = serde_json::from_str(&encoded).unwrap();
         assert_eq!(back, serde_json::from_str::<Value>(text).unwrap());
         assert_eq!(serde_json::to_string(&fields(" 7 ")).unwrap(), "7");
+    }
+
+    #[test]
+    fn binary_pairs_read_back_in_key_order_the_last_of_a_name_winning() {
+        let written = FieldsText::Object(vec![("b", "1"), ("a", "[2]"), ("b", "3")]);
+        let bytes = postcard::to_allocvec(&written).unwrap();
+        let Fields::Object(read) = postcard::from_bytes::<Fields>(&bytes).unwrap() else {
+            panic!("an object was written");
+        };
+        let names: Vec<&str> = read.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(Fields::Object(read).to_value(), json!({"a": [2], "b": 3}));
+
+        let bad = postcard::to_allocvec(&FieldsText::Object(vec![("a", "{")])).unwrap();
+        assert!(postcard::from_bytes::<Fields>(&bad).is_err());
     }
 
     #[test]

@@ -18,6 +18,11 @@ impl<K, V> SmallMap<K, V> {
     pub fn new() -> Self {
         SmallMap(LiteMap::new())
     }
+
+    /// An empty map with room for `capacity` entries.
+    pub fn with_capacity(capacity: usize) -> Self {
+        SmallMap(LiteMap::with_capacity(capacity))
+    }
 }
 
 impl<K, V> Default for SmallMap<K, V> {
