@@ -26,7 +26,7 @@ pub struct EntityHandle {
 /// Entity actors by key.
 #[derive(Default)]
 pub struct EntityRegistry {
-    actors: DashMap<String, EntityHandle>,
+    actors: DashMap<String, EntityHandle, crate::KeyHasher>,
     incarnations: AtomicU64,
     /// Counts events sent, to order actors by their last one.
     clock: AtomicU64,

@@ -17,6 +17,7 @@ use crate::aggregate::Aggregate;
 use crate::record::Origin;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
+use crate::KeyHasher;
 
 /// The answer to a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +48,9 @@ pub struct Applied {
 #[derive(Clone, Default)]
 pub(crate) struct Staged {
     /// Message ids by partition (nested so that a lookup needs no owned key).
-    pub(crate) markers: HashMap<i32, HashSet<String>>,
+    pub(crate) markers: HashMap<i32, HashSet<String, KeyHasher>>,
     /// Views by key, with the message ids applied to each since its last write.
-    pub(crate) views: HashMap<String, (Arc<Aggregate>, Vec<String>)>,
+    pub(crate) views: HashMap<String, (Arc<Aggregate>, Vec<String>), KeyHasher>,
 }
 
 impl Staged {

@@ -18,6 +18,7 @@ use crate::offset_committer::{DrainPartition, Register};
 use crate::pipeline::Pipeline;
 use crate::record::{Record, TopicPartition};
 use crate::topology::{PartitionStats, Topology};
+use crate::KeyHasher;
 
 /// Records of this partition, in offset order, parsed.
 #[derive(Message)]
@@ -83,9 +84,9 @@ pub struct Drain;
 #[derive(Default)]
 struct Unfinished {
     order: VecDeque<(i64, String)>,
-    by_key: HashMap<String, VecDeque<(i64, Arc<Record>)>>,
+    by_key: HashMap<String, VecDeque<(i64, Arc<Record>)>, KeyHasher>,
     /// Per key, the entity actor incarnation that has been sent every unfinished record.
-    sent_to: HashMap<String, u64>,
+    sent_to: HashMap<String, u64, KeyHasher>,
 }
 
 impl Unfinished {

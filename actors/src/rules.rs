@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::KeyHasher;
+
 /// One upstream service: the topic it publishes to and how its entity key is found.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -160,14 +162,14 @@ pub enum RulesError {
 #[derive(Clone, Debug)]
 pub struct Rules {
     sources: Vec<SourceConfig>,
-    by_topic: HashMap<String, usize>,
-    by_name: HashMap<String, usize>,
+    by_topic: HashMap<String, usize, KeyHasher>,
+    by_name: HashMap<String, usize, KeyHasher>,
     rules: Vec<RuleConfig>,
     /// Per source: its rules that match every code.
     any_code: Vec<Vec<usize>>,
     /// Per source and code: the rules that match that code, with the any-code rules merged in,
     /// in configuration order.
-    by_code: Vec<HashMap<String, Vec<usize>>>,
+    by_code: Vec<HashMap<String, Vec<usize>, KeyHasher>>,
 }
 
 impl Rules {
@@ -176,8 +178,8 @@ impl Rules {
         if sources.is_empty() {
             return Err(RulesError::NoSources);
         }
-        let mut by_topic = HashMap::new();
-        let mut by_name = HashMap::new();
+        let mut by_topic = HashMap::default();
+        let mut by_name = HashMap::default();
         for (i, s) in sources.iter().enumerate() {
             let at = |field: &str| format!("sources[{i}].{field}");
             if s.name.is_empty() {
@@ -203,7 +205,7 @@ impl Rules {
             }
         }
         let mut any_code = vec![Vec::new(); sources.len()];
-        let mut by_code = vec![HashMap::<String, Vec<usize>>::new(); sources.len()];
+        let mut by_code = vec![HashMap::<String, Vec<usize>, KeyHasher>::default(); sources.len()];
         let mut seen: BTreeMap<&str, (RuleKind, &str)> = BTreeMap::new();
         for (i, r) in rules.iter().enumerate() {
             let at = |field: &str| format!("rules[{i}].{field}");
