@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub rate: Option<u64>,
     /// Offset commit interval of the service.
     pub commit_interval_ms: u64,
+    /// How long the bench's producer waits to fill a batch (librdkafka's `linger.ms`).
+    pub linger_ms: u64,
     /// Most records produced ahead of the consumer, so that the embedded broker's small
     /// per-partition retention never drops an unread record.
     pub ahead: u64,
@@ -114,6 +116,8 @@ pub struct BenchReport {
     pub offered_rate: Option<u64>,
     /// Commit interval of the service.
     pub commit_interval_ms: u64,
+    /// The bench producer's linger.
+    pub linger_ms: u64,
     /// The bare consumer.
     pub baseline: Workload,
     /// The full service.
@@ -167,7 +171,14 @@ impl Feeder {
         options: &BenchOptions,
         consumed: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> anyhow::Result<Self> {
-        let producer = EventProducer::new(brokers, config.rules()?.topics())?;
+        // The embedded broker walks a partition's batches one by one to serve a fetch, so at a
+        // limited rate the batch size the producer's linger makes sets its CPU cost.
+        let linger = options.linger_ms.to_string();
+        let producer = EventProducer::with_properties(
+            brokers,
+            config.rules()?.topics(),
+            &[("linger.ms", linger.as_str())],
+        )?;
         let deliveries = producer.deliveries.clone();
         let generator = Generator::new(
             GeneratorConfig {
@@ -417,6 +428,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         partitions: options.partitions,
         offered_rate: options.rate,
         commit_interval_ms: options.commit_interval_ms,
+        linger_ms: options.linger_ms,
         ratio: aggregator.events_per_sec / base.events_per_sec.max(1e-9),
         baseline: base,
         aggregator,
@@ -460,7 +472,8 @@ pub fn render(r: &BenchReport) -> String {
     let latency = percentiles(r.latency_ms);
     let baseline_latency = percentiles(r.baseline_latency_ms);
     format!(
-        "events {} | keys {} | 7 topics x {} partitions | offered {} | commit interval {} ms\n\
+        "events {} | keys {} | 7 topics x {} partitions | offered {} | commit interval {} ms | \
+         producer linger {} ms\n\
          baseline   (bare consumer) {:>10.0} events/s ({:.2} s, CPU {:.1} us/event)\n\
          aggregator (full service)  {:>10.0} events/s ({:.2} s, CPU {:.1} us/event)\n\
          ratio aggregator/baseline  {:>10.3}\n\
@@ -478,6 +491,7 @@ pub fn render(r: &BenchReport) -> String {
         r.offered_rate
             .map_or("unlimited".to_string(), |x| format!("{x}/s")),
         r.commit_interval_ms,
+        r.linger_ms,
         r.baseline.events_per_sec,
         r.baseline.seconds,
         r.baseline.cpu_us_per_event,

@@ -107,6 +107,10 @@ enum Command {
         /// Offset commit interval in milliseconds.
         #[arg(long, default_value_t = 200)]
         commit_interval_ms: u64,
+        /// How long the producer waits to fill a batch, in milliseconds (librdkafka's
+        /// `linger.ms`, as upstream producers set it).
+        #[arg(long, default_value_t = 5)]
+        linger_ms: u64,
         /// Most records produced ahead of the consumer (the embedded broker keeps a few MB per
         /// partition).
         #[arg(long, default_value_t = 100_000)]
@@ -229,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             duplicates,
             rate,
             commit_interval_ms,
+            linger_ms,
             ahead,
             dedup_window,
             seed,
@@ -252,6 +257,7 @@ fn main() -> anyhow::Result<()> {
                 duplicates,
                 rate,
                 commit_interval_ms,
+                linger_ms,
                 ahead,
                 seed,
             };

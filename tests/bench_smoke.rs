@@ -17,6 +17,7 @@ async fn short_benchmark_completes_and_applies_every_event() {
         duplicates: 0.03,
         rate: None,
         commit_interval_ms: 200,
+        linger_ms: 5,
         ahead: 5_000,
         seed: 5,
     };
