@@ -68,6 +68,8 @@ pub struct Store {
     markers: Arc<Mutex<MarkerIndex>>,
     /// Held for a whole write, so that one write's plan is committed before the next is made.
     writing: Arc<Mutex<()>>,
+    /// Held for a whole flush: flushes run one at a time (see [`Store::flush`]).
+    flushing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Longest wait at open for a store that this process closed a moment ago to be let go.
@@ -174,6 +176,7 @@ impl Store {
             faults: FaultInjector::default(),
             markers: Arc::new(Mutex::new(markers)),
             writing: Arc::new(Mutex::new(())),
+            flushing: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -264,11 +267,17 @@ impl Store {
         Ok(lock(&self.markers).len(partition) as u64)
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable. Flushes run one at a time, each on a blocking thread:
+    /// concurrent `flush_async` calls beside batches deadlocked the whole store under load
+    /// (flushes on sled's thread pool holding its read lock, waiting for log writes, while a
+    /// batch waited for the write lock; sled issue #1308). Either change alone avoided it in the
+    /// store's test; a flush that waited for the one before it finds little left to write.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_async()
+        let _one_at_a_time = self.flushing.lock().await;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
             .await
+            .map_err(|e| StoreError::Write(format!("the flush did not run to its end: {e}")))?
             .map(|_| ())
             .map_err(|e| StoreError::Write(e.to_string()))
     }
@@ -426,6 +435,61 @@ mod tests {
             vec!["C1".to_string()]
         );
         assert!(store.entities_of_partition(4).unwrap().is_empty());
+    }
+
+    /// The service flushes after every write while the next write's batch is applied and views
+    /// are read: sled 0.34's `flush_async` deadlocked that way under load (its issue #1308).
+    /// Every flush, write and read must end; a deadlock fails the test at the watchdog instead
+    /// of hanging it.
+    #[test]
+    fn flushes_beside_batches_and_reads_all_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = store.clone();
+        std::thread::spawn(move || {
+            futures_lite_block_on(async move {
+                let writer = worker.clone();
+                let writes = tokio::task::spawn_blocking(move || {
+                    for round in 0..400u32 {
+                        let mut batch = WriteBatch::default();
+                        for i in 0..200u32 {
+                            let mut view =
+                                Aggregate::new(format!("C{}", (round * 7919 + i) % 20_000), 0);
+                            view.events_applied = u64::from(round);
+                            batch.put_view(&view).unwrap();
+                            batch.add_marker(0, &format!("m{round}-{i}"));
+                        }
+                        writer.write(batch).unwrap();
+                    }
+                });
+                let reader = worker.clone();
+                let reads = tokio::task::spawn_blocking(move || {
+                    for i in 0..200_000u32 {
+                        reader.load(&format!("C{}", i % 20_000)).unwrap();
+                    }
+                });
+                let flushes = (0..8).map(|_| {
+                    let flusher = worker.clone();
+                    actix_rt::spawn(async move {
+                        for _ in 0..100 {
+                            flusher.flush().await.unwrap();
+                        }
+                    })
+                });
+                let flushes: Vec<_> = flushes.collect();
+                writes.await.unwrap();
+                reads.await.unwrap();
+                for flush in flushes {
+                    flush.await.unwrap();
+                }
+            });
+            let _ = done_tx.send(());
+        });
+        // A watchdog, not a timing assertion: the work takes a few seconds; a deadlock never ends.
+        done_rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("flushes, writes and reads deadlocked");
     }
 
     /// Opens the store at `path`, writes and flushes `batch`, and closes the store.
