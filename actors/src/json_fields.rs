@@ -6,13 +6,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::name::Name;
 use crate::small_map::SmallMap;
 
 /// A JSON value: an object by its fields, each as JSON text, or any other value as JSON text.
 #[derive(Clone, Debug)]
 pub enum Fields {
     /// An object, field name to the field's JSON text.
-    Object(SmallMap<String, Box<RawValue>>),
+    Object(SmallMap<Name, Box<RawValue>>),
     /// Anything but an object, as JSON text.
     Other(Box<RawValue>),
 }
@@ -57,7 +58,7 @@ impl Fields {
             Fields::Object(fields) => Value::Object(
                 fields
                     .iter()
-                    .map(|(name, raw)| (name.clone(), decode(raw)))
+                    .map(|(name, raw)| (name.to_string(), decode(raw)))
                     .collect(),
             ),
             Fields::Other(raw) => decode(raw),
@@ -83,7 +84,7 @@ enum FieldsText<'a> {
 /// [`FieldsText`] read back.
 #[derive(Deserialize)]
 enum OwnedFieldsText {
-    Object(TextMap<Box<RawValue>>),
+    Object(TextMap<Name, Box<RawValue>>),
     Other(String),
 }
 
@@ -107,18 +108,20 @@ impl FromJsonText for Value {
 /// A map written as a sequence of (name, JSON text) pairs, read straight into a map: a view
 /// read back builds no vector of pairs to collect from (the view loader decodes a view for every
 /// actor started again).
-struct TextMap<V>(SmallMap<String, V>);
+struct TextMap<K, V>(SmallMap<K, V>);
 
-impl<'de, V: FromJsonText> Deserialize<'de> for TextMap<V> {
+impl<'de, K: Deserialize<'de> + Ord, V: FromJsonText> Deserialize<'de> for TextMap<K, V> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_seq(TextMapVisitor(std::marker::PhantomData))
     }
 }
 
-struct TextMapVisitor<V>(std::marker::PhantomData<V>);
+struct TextMapVisitor<K, V>(std::marker::PhantomData<(K, V)>);
 
-impl<'de, V: FromJsonText> serde::de::Visitor<'de> for TextMapVisitor<V> {
-    type Value = TextMap<V>;
+impl<'de, K: Deserialize<'de> + Ord, V: FromJsonText> serde::de::Visitor<'de>
+    for TextMapVisitor<K, V>
+{
+    type Value = TextMap<K, V>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a sequence of (name, JSON text) pairs")
@@ -127,7 +130,7 @@ impl<'de, V: FromJsonText> serde::de::Visitor<'de> for TextMapVisitor<V> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         // The hint comes from the data: bounded, so that a corrupt length allocates nothing.
         let mut map = SmallMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
-        while let Some((name, text)) = seq.next_element::<(String, String)>()? {
+        while let Some((name, text)) = seq.next_element::<(K, String)>()? {
             let value = V::from_json_text(text).map_err(serde::de::Error::custom)?;
             // Written in key order; anything else is still read, a later pair of a name winning.
             if let Some((name, value)) = map.try_append(name, value) {
@@ -205,7 +208,8 @@ pub(crate) mod values_as_text {
         if deserializer.is_human_readable() {
             return SmallMap::deserialize(deserializer);
         }
-        super::TextMap::<Value>::deserialize(deserializer).map(|super::TextMap(values)| values)
+        super::TextMap::<String, Value>::deserialize(deserializer)
+            .map(|super::TextMap(values)| values)
     }
 }
 
@@ -229,7 +233,7 @@ impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
         let mut fields = SmallMap::new();
-        while let Some(name) = map.next_key::<String>()? {
+        while let Some(name) = map.next_key::<Name>()? {
             fields.insert(name, map.next_value::<Box<RawValue>>()?);
         }
         Ok(Fields::Object(fields))

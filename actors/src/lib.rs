@@ -16,6 +16,7 @@ pub mod kill;
 pub mod ledger;
 mod marker_index;
 pub mod metrics;
+pub mod name;
 pub mod offset_committer;
 pub mod offset_tracker;
 pub mod partition_supervisor;
