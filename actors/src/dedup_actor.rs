@@ -40,6 +40,10 @@ use crate::view_codec;
 /// Longest wait between retries of a failed flush.
 const FLUSH_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How long a store write or flush may be under way before `/health` reports the store stuck;
+/// one normally takes milliseconds, a large one under load a second or two.
+const STORE_STALL_AFTER: Duration = Duration::from_secs(30);
+
 /// The current view of `key` if it exists (staged or stored), for readers such as the HTTP API.
 #[derive(Message)]
 #[rtype(result = "Result<Option<Aggregate>, StoreError>")]
@@ -208,6 +212,8 @@ pub struct DedupActor {
     changelog: Option<Arc<dyn ChangelogSink>>,
     /// `FlushNow`s waiting for the next write.
     flush_waiters: Waiters,
+    /// Whether the store operation now stuck was logged already.
+    stall_reported: bool,
     /// Store writes running on other threads.
     gate: Arc<WriteGate>,
     /// The arbiter the entity actors and partition supervisors run on: a restart resets the ledger
@@ -246,6 +252,7 @@ impl DedupActor {
             interval,
             changelog: None,
             flush_waiters: Vec::new(),
+            stall_reported: false,
             gate: Arc::default(),
             actors,
             resume_at: 0,
@@ -456,6 +463,22 @@ impl DedupActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        let stall = self
+            .store
+            .as_ref()
+            .and_then(|store| store.stalled(STORE_STALL_AFTER));
+        match stall {
+            Some(stall) => {
+                if !self.stall_reported {
+                    tracing::error!("{stall}: the store is not answering");
+                    self.metrics.fault("store_stall");
+                    self.stall_reported = true;
+                }
+                // Until the operation ends and a flush succeeds, which clears it.
+                self.topology.dedup.set_fault(Some(stall));
+            }
+            None => self.stall_reported = false,
+        }
         self.write_staged(ctx);
     }
 }

@@ -52,7 +52,7 @@ pub struct Metrics {
     pub view_load_latency: Histogram,
     /// Seconds from a record's timestamp to its effect being durable and its offset committable.
     pub event_latency: Histogram,
-    /// Faults seen, by kind (store_write, store_flush, commit, dead_letter, broker).
+    /// Faults seen, by kind (store_write, store_flush, store_stall, commit, dead_letter, broker).
     pub faults: IntCounterVec,
 }
 

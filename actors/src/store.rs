@@ -70,6 +70,26 @@ pub struct Store {
     writing: Arc<Mutex<()>>,
     /// Held for a whole flush: flushes run one at a time (see [`Store::flush`]).
     flushing: Arc<tokio::sync::Mutex<()>>,
+    /// When the write under way began.
+    write_since: Arc<Mutex<Option<Instant>>>,
+    /// When the flush under way began.
+    flush_since: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Marks an operation as under way from its creation until it is dropped.
+struct Running(Arc<Mutex<Option<Instant>>>);
+
+impl Running {
+    fn start(since: &Arc<Mutex<Option<Instant>>>) -> Self {
+        *lock(since) = Some(Instant::now());
+        Running(since.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        *lock(&self.0) = None;
+    }
 }
 
 /// Longest wait at open for a store that this process closed a moment ago to be let go.
@@ -177,6 +197,8 @@ impl Store {
             markers: Arc::new(Mutex::new(markers)),
             writing: Arc::new(Mutex::new(())),
             flushing: Arc::new(tokio::sync::Mutex::new(())),
+            write_since: Arc::default(),
+            flush_since: Arc::default(),
         })
     }
 
@@ -223,6 +245,7 @@ impl Store {
             ..
         } = batch;
         let _writing = lock(&self.writing);
+        let _running = Running::start(&self.write_since);
         let plan = lock(&self.markers).plan(&marked, &mut batch);
         for (partition, key, new) in &viewed {
             let new = match new {
@@ -262,6 +285,19 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// The store operation that has been under way longer than `limit`, described: a store that
+    /// stops answering (a sled deadlock, a hung disk) then shows in `/health`, not only as a
+    /// pipeline that stopped.
+    pub fn stalled(&self, limit: Duration) -> Option<String> {
+        [("write", &self.write_since), ("flush", &self.flush_since)]
+            .into_iter()
+            .find_map(|(operation, since)| {
+                let running = (*lock(since))?.elapsed();
+                (running > limit)
+                    .then(|| format!("a store {operation} has been under way for {running:.1?}"))
+            })
+    }
+
     /// Markers kept for `partition`.
     pub fn marker_count(&self, partition: i32) -> Result<u64, StoreError> {
         Ok(lock(&self.markers).len(partition) as u64)
@@ -275,11 +311,15 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.flushing.lock().await;
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Write(format!("the flush did not run to its end: {e}")))?
-            .map(|_| ())
-            .map_err(|e| StoreError::Write(e.to_string()))
+        let since = self.flush_since.clone();
+        tokio::task::spawn_blocking(move || {
+            let _running = Running::start(&since);
+            db.flush()
+        })
+        .await
+        .map_err(|e| StoreError::Write(format!("the flush did not run to its end: {e}")))?
+        .map(|_| ())
+        .map_err(|e| StoreError::Write(e.to_string()))
     }
 
     /// Keys of the entities stored for `partition`.
@@ -490,6 +530,46 @@ mod tests {
         done_rx
             .recv_timeout(Duration::from_secs(300))
             .expect("flushes, writes and reads deadlocked");
+    }
+
+    #[test]
+    fn a_write_under_way_too_long_is_reported_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        assert_eq!(store.stalled(Duration::ZERO), None, "nothing under way");
+        // The write stops at the marker index while the test holds it.
+        let held = lock(&store.markers);
+        let writer = store.clone();
+        let write = std::thread::spawn(move || {
+            let mut batch = WriteBatch::default();
+            batch.add_marker(0, "m");
+            writer.write(batch).unwrap();
+        });
+        // A watchdog, not a timing assertion: the write is blocked, so it is reported at once.
+        let watchdog = Instant::now() + Duration::from_secs(30);
+        let reported = loop {
+            if let Some(stall) = store.stalled(Duration::ZERO) {
+                break stall;
+            }
+            assert!(
+                Instant::now() < watchdog,
+                "the write under way was never reported"
+            );
+            std::thread::yield_now();
+        };
+        assert!(
+            reported.starts_with("a store write has been under way for"),
+            "{reported}"
+        );
+        assert_eq!(
+            store.stalled(Duration::from_secs(3600)),
+            None,
+            "not yet past that limit"
+        );
+        drop(held);
+        write.join().unwrap();
+        assert_eq!(store.stalled(Duration::ZERO), None, "the write ended");
+        assert!(store.has_marker(0, "m").unwrap());
     }
 
     /// Opens the store at `path`, writes and flushes `batch`, and closes the store.
