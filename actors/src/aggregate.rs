@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::envelope::{json_type, Body, Envelope, Event};
 use crate::json_fields::Fields;
+use crate::name::Name;
 use crate::rules::{RuleConfig, RuleKind, Rules};
 use crate::small_map::SmallMap;
 
@@ -23,17 +24,17 @@ pub struct Aggregate {
     /// Per source: the latest state it transferred.
     pub sources: SmallMap<String, SourceSection>,
     /// Events applied per code.
-    pub counters: SmallMap<String, u64>,
+    pub counters: SmallMap<Name, u64>,
     /// The figures the rules derive, by rule name.
     #[serde(with = "crate::json_fields::values_as_text")]
-    pub figures: SmallMap<String, Value>,
+    pub figures: SmallMap<Name, Value>,
 }
 
 /// The latest state one source transferred about the entity.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourceSection {
     /// Code of the last event applied from this source.
-    pub code: String,
+    pub code: Name,
     /// Message id of that event.
     pub message_id: String,
     /// Partition it was read from.
@@ -92,7 +93,8 @@ impl Aggregate {
     /// event is left as it was.
     pub fn apply(&mut self, rules: &Rules, event: &mut Event) -> Result<(), FoldError> {
         let source = rules.source(event.source);
-        let deletes = event.body == Body::Tombstone || source.delete_codes.contains(&event.code);
+        let deletes = event.body == Body::Tombstone
+            || source.delete_codes.iter().any(|code| *code == *event.code);
         if let Body::Envelope(envelope) = &event.body {
             // Every input is read before anything changes, so that a failure has no effect.
             for (rule, input) in read_inputs(rules, event, envelope)? {
@@ -141,7 +143,7 @@ impl Aggregate {
     }
 
     fn fold_rule(&mut self, rule: &RuleConfig, input: Input) {
-        let current = self.figures.get_mut(&rule.name).map(std::mem::take);
+        let current = self.figures.get_mut(rule.name.as_str()).map(std::mem::take);
         let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_f64);
         let next = match (rule.kind, input) {
             (RuleKind::Count, _) => number_value(number(&current).unwrap_or(0.0) + rule.factor),
@@ -184,10 +186,10 @@ impl Aggregate {
             // read_inputs gives every kind the input it needs.
             (_, _) => current.unwrap_or(Value::Null),
         };
-        match self.figures.get_mut(&rule.name) {
+        match self.figures.get_mut(rule.name.as_str()) {
             Some(slot) => *slot = next,
             None => {
-                self.figures.insert(rule.name.clone(), next);
+                self.figures.insert(Name::new(&rule.name), next);
             }
         }
     }
@@ -247,6 +249,11 @@ mod tests {
     /// A map key, for indexing the view's maps.
     fn key(name: &str) -> String {
         name.to_string()
+    }
+
+    /// A name, for indexing the view's counters and figures.
+    fn name(text: &str) -> Name {
+        Name::new(text)
     }
 
     fn source(name: &str, delete: &[&str]) -> SourceConfig {
@@ -388,17 +395,17 @@ mod tests {
             &mut event(&r, "orders", 3, "CANCELLED", json!({"id": 3})),
         )
         .unwrap();
-        assert_eq!(agg.figures[&key("orders")], json!(3));
-        assert_eq!(agg.figures[&key("total")], json!(42.5));
-        assert_eq!(agg.figures[&key("smallest")], json!(2.5));
-        assert_eq!(agg.figures[&key("largest")], json!(30));
-        assert_eq!(agg.figures[&key("mean")]["count"], json!(3));
+        assert_eq!(agg.figures[&name("orders")], json!(3));
+        assert_eq!(agg.figures[&name("total")], json!(42.5));
+        assert_eq!(agg.figures[&name("smallest")], json!(2.5));
+        assert_eq!(agg.figures[&name("largest")], json!(30));
+        assert_eq!(agg.figures[&name("mean")]["count"], json!(3));
         assert_eq!(
-            agg.figures[&key("mean")]["avg"].as_f64().unwrap(),
+            agg.figures[&name("mean")]["avg"].as_f64().unwrap(),
             42.5 / 3.0
         );
-        assert_eq!(agg.counters[&key("CREATED")], 3);
-        assert_eq!(agg.counters[&key("CANCELLED")], 1);
+        assert_eq!(agg.counters[&name("CREATED")], 3);
+        assert_eq!(agg.counters[&name("CANCELLED")], 1);
         assert_eq!(agg.events_applied, 4);
         assert_eq!(agg.updated_at_ms, 1003);
     }
@@ -414,8 +421,8 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(agg.figures[&key("last_order")], json!(4));
-        assert_eq!(agg.figures[&key("recent")], json!([2, 3, 4]));
+        assert_eq!(agg.figures[&name("last_order")], json!(4));
+        assert_eq!(agg.figures[&name("recent")], json!([2, 3, 4]));
     }
 
     #[test]
@@ -438,7 +445,7 @@ mod tests {
             &mut event(&r, "loyalty", 1, "REDEEMED", json!({"points": 30})),
         )
         .unwrap();
-        assert_eq!(agg.figures[&key("points")], json!(70));
+        assert_eq!(agg.figures[&name("points")], json!(70));
         let section = &agg.sources[&key("loyalty")];
         assert_eq!(
             section.state.to_value(),
@@ -468,7 +475,7 @@ mod tests {
         tomb.body = Body::Tombstone;
         agg.apply(&r, &mut tomb).unwrap();
         assert!(agg.sources.is_empty());
-        assert_eq!(agg.counters[&key("TOMBSTONE")], 1);
+        assert_eq!(agg.counters[&name("TOMBSTONE")], 1);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::json_fields::{decode, first_token, value_at, Fields};
+use crate::name::Name;
 use crate::record::{Origin, Record};
 use crate::rules::Rules;
 
@@ -137,7 +138,7 @@ pub struct Event {
     /// The message id that deduplication keys on.
     pub message_id: String,
     /// The event code (`TOMBSTONE` for a tombstone).
-    pub code: String,
+    pub code: Name,
     /// The event's time in milliseconds since the epoch.
     pub timestamp_ms: i64,
     /// The envelope or tombstone.
@@ -248,7 +249,7 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
             source,
             key,
             message_id,
-            code: TOMBSTONE_CODE.to_string(),
+            code: Name::new(TOMBSTONE_CODE),
             timestamp_ms: record.timestamp_ms.unwrap_or(0),
             body: Body::Tombstone,
         });
@@ -272,7 +273,7 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
         },
     };
     let code = match envelope.field("code") {
-        Some(Value::String(c)) if !c.is_empty() => c,
+        Some(Value::String(c)) if !c.is_empty() => Name::from(c),
         _ => return Err(Rejection::MissingCode),
     };
     let src = rules.source(source);

@@ -184,11 +184,12 @@ pub(crate) mod values_as_text {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use serde_json::Value;
 
+    use crate::name::Name;
     use crate::small_map::SmallMap;
 
     /// Writes `values`: as they are in JSON, each as its text otherwise.
     pub(crate) fn serialize<S: Serializer>(
-        values: &SmallMap<String, Value>,
+        values: &SmallMap<Name, Value>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
@@ -204,11 +205,11 @@ pub(crate) mod values_as_text {
     /// Reads what [`serialize`] wrote.
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
-    ) -> Result<SmallMap<String, Value>, D::Error> {
+    ) -> Result<SmallMap<Name, Value>, D::Error> {
         if deserializer.is_human_readable() {
             return SmallMap::deserialize(deserializer);
         }
-        super::TextMap::<String, Value>::deserialize(deserializer)
+        super::TextMap::<Name, Value>::deserialize(deserializer)
             .map(|super::TextMap(values)| values)
     }
 }
