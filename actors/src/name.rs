@@ -1,5 +1,5 @@
-//! Names that recur in every view, such as the payload's field names: interned, so that reading a
-//! view or an envelope allocates no string for them. A few thousand distinct names are usual; the
+//! Names that recur in every view (payload field names, event codes, rule names): interned, so
+//! that reading a view or an envelope allocates no string for them. A few thousand distinct names are usual; the
 //! interned ones are bounded, and names past the bound, or too long, are kept as owned strings.
 
 use std::borrow::Borrow;
