@@ -108,8 +108,8 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         commit_interval_ms: u64,
         /// How long the producer waits to fill a batch, in milliseconds (librdkafka's
-        /// `linger.ms`, as upstream producers set it).
-        #[arg(long, default_value_t = 5)]
+        /// `linger.ms`, as upstream producers set it; at most 900000).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=900_000))]
         linger_ms: u64,
         /// Most records produced ahead of the consumer (the embedded broker keeps a few MB per
         /// partition).
