@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -33,6 +34,10 @@ enum Repr {
 /// Every name interned so far: the source of truth behind the threads' caches.
 static INTERNED: Mutex<Option<HashSet<&'static str, KeyHasher>>> = Mutex::new(None);
 
+/// Set once the bound is reached: from then on a name no thread has seen is owned without
+/// taking the lock, so that names past the bound do not all contend for it.
+static FULL: AtomicBool = AtomicBool::new(false);
+
 thread_local! {
     /// This thread's copy of the names it has seen, read without a lock.
     static SEEN: RefCell<HashSet<&'static str, KeyHasher>> = RefCell::default();
@@ -47,8 +52,15 @@ fn intern(text: &str) -> Option<&'static str> {
         if let Some(&name) = seen.borrow().get(text) {
             return Some(name);
         }
+        if FULL.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut all = INTERNED.lock().unwrap_or_else(PoisonError::into_inner);
-        let name = intern_in(all.get_or_insert_with(HashSet::default), text, MAX_INTERNED)?;
+        let Some(name) = intern_in(all.get_or_insert_with(HashSet::default), text, MAX_INTERNED)
+        else {
+            FULL.store(true, Ordering::Relaxed);
+            return None;
+        };
         drop(all);
         seen.borrow_mut().insert(name);
         Some(name)
