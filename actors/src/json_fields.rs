@@ -170,10 +170,11 @@ impl<'de> Deserialize<'de> for Fields {
         if deserializer.is_human_readable() {
             return deserializer.deserialize_any(FieldsVisitor);
         }
-        let raw = |text: String| RawValue::from_string(text).map_err(serde::de::Error::custom);
         Ok(match OwnedFieldsText::deserialize(deserializer)? {
             OwnedFieldsText::Object(TextMap(fields)) => Fields::Object(fields),
-            OwnedFieldsText::Other(text) => Fields::Other(raw(text)?),
+            OwnedFieldsText::Other(text) => Fields::Other(
+                Box::<RawValue>::from_json_text(text).map_err(serde::de::Error::custom)?,
+            ),
         })
     }
 }
