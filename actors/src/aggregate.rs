@@ -142,56 +142,57 @@ impl Aggregate {
         Ok(())
     }
 
+    /// Folds `input` into the rule's figure, its slot looked up once.
     fn fold_rule(&mut self, rule: &RuleConfig, input: Input) {
-        let current = self.figures.get_mut(rule.name.as_str()).map(std::mem::take);
-        let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_f64);
-        let next = match (rule.kind, input) {
-            (RuleKind::Count, _) => number_value(number(&current).unwrap_or(0.0) + rule.factor),
-            (RuleKind::Sum, Input::Number(x)) => {
-                number_value(number(&current).unwrap_or(0.0) + rule.factor * x)
-            }
-            (RuleKind::Min, Input::Number(x)) => {
-                number_value(number(&current).map_or(x, |c| c.min(x)))
-            }
-            (RuleKind::Max, Input::Number(x)) => {
-                number_value(number(&current).map_or(x, |c| c.max(x)))
-            }
-            (RuleKind::Avg, Input::Number(x)) => {
-                let field = |name: &str| {
-                    current
-                        .as_ref()
-                        .and_then(|c| c.get(name))
-                        .and_then(Value::as_f64)
-                        .unwrap_or(0.0)
-                };
-                let (count, sum) = (field("count") + 1.0, field("sum") + x);
-                let mut avg = Map::new();
-                avg.insert("count".into(), number_value(count));
-                avg.insert("sum".into(), number_value(sum));
-                avg.insert("avg".into(), number_value(sum / count));
-                Value::Object(avg)
-            }
-            (RuleKind::Latest, Input::Value(v)) => v.unwrap_or(Value::Null),
-            (RuleKind::History, Input::Value(v)) => {
-                let mut list = match current {
-                    Some(Value::Array(list)) => list,
-                    _ => Vec::new(),
-                };
-                list.push(v.unwrap_or(Value::Null));
-                if list.len() > rule.limit {
-                    list.drain(..list.len() - rule.limit);
-                }
-                Value::Array(list)
-            }
-            // read_inputs gives every kind the input it needs.
-            (_, _) => current.unwrap_or(Value::Null),
-        };
         match self.figures.get_mut(rule.name.as_str()) {
-            Some(slot) => *slot = next,
+            Some(slot) => *slot = next_figure(rule, input, Some(std::mem::take(slot))),
             None => {
-                self.figures.insert(Name::new(&rule.name), next);
+                let first = next_figure(rule, input, None);
+                self.figures.insert(Name::new(&rule.name), first);
             }
         }
+    }
+}
+
+/// The rule's figure after `input`, from its `current` value.
+fn next_figure(rule: &RuleConfig, input: Input, current: Option<Value>) -> Value {
+    let number = |v: &Option<Value>| v.as_ref().and_then(Value::as_f64);
+    match (rule.kind, input) {
+        (RuleKind::Count, _) => number_value(number(&current).unwrap_or(0.0) + rule.factor),
+        (RuleKind::Sum, Input::Number(x)) => {
+            number_value(number(&current).unwrap_or(0.0) + rule.factor * x)
+        }
+        (RuleKind::Min, Input::Number(x)) => number_value(number(&current).map_or(x, |c| c.min(x))),
+        (RuleKind::Max, Input::Number(x)) => number_value(number(&current).map_or(x, |c| c.max(x))),
+        (RuleKind::Avg, Input::Number(x)) => {
+            let field = |name: &str| {
+                current
+                    .as_ref()
+                    .and_then(|c| c.get(name))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0)
+            };
+            let (count, sum) = (field("count") + 1.0, field("sum") + x);
+            let mut avg = Map::new();
+            avg.insert("count".into(), number_value(count));
+            avg.insert("sum".into(), number_value(sum));
+            avg.insert("avg".into(), number_value(sum / count));
+            Value::Object(avg)
+        }
+        (RuleKind::Latest, Input::Value(v)) => v.unwrap_or(Value::Null),
+        (RuleKind::History, Input::Value(v)) => {
+            let mut list = match current {
+                Some(Value::Array(list)) => list,
+                _ => Vec::new(),
+            };
+            list.push(v.unwrap_or(Value::Null));
+            if list.len() > rule.limit {
+                list.drain(..list.len() - rule.limit);
+            }
+            Value::Array(list)
+        }
+        // read_inputs gives every kind the input it needs.
+        (_, _) => current.unwrap_or(Value::Null),
     }
 }
 
