@@ -5,10 +5,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::envelope::{json_type, Body, Envelope, Event};
-use crate::json_fields::Fields;
 use crate::name::Name;
 use crate::rules::{RuleConfig, RuleKind, Rules};
 use crate::small_map::SmallMap;
+
+pub use crate::section::{Section, SourceSection};
 
 /// The live view of one entity.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -21,30 +22,13 @@ pub struct Aggregate {
     pub events_applied: u64,
     /// Latest event time seen, in milliseconds since the epoch.
     pub updated_at_ms: i64,
-    /// Per source: the latest state it transferred.
-    pub sources: SmallMap<String, SourceSection>,
+    /// Per source: the latest state it transferred (as stored, until an event changes it).
+    pub sources: SmallMap<String, Section>,
     /// Events applied per code.
     pub counters: SmallMap<Name, u64>,
     /// The figures the rules derive, by rule name.
     #[serde(with = "crate::json_fields::values_as_text")]
     pub figures: SmallMap<Name, Value>,
-}
-
-/// The latest state one source transferred about the entity.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SourceSection {
-    /// Code of the last event applied from this source.
-    pub code: Name,
-    /// Message id of that event.
-    pub message_id: String,
-    /// Partition it was read from.
-    pub partition: i32,
-    /// Its offset.
-    pub offset: i64,
-    /// Its time in milliseconds since the epoch.
-    pub timestamp_ms: i64,
-    /// The payload fields transferred so far, later events overwriting earlier ones field by field.
-    pub state: Fields,
 }
 
 /// Why an event could not be folded; the aggregate is left as it was.
@@ -68,6 +52,14 @@ pub enum FoldError {
         field: String,
         /// The JSON type found.
         found: &'static str,
+    },
+    /// The stored section the event changes does not decode.
+    #[error("the view's section of {name:?}: {reason}")]
+    Section {
+        /// The source's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
     },
 }
 
@@ -96,8 +88,16 @@ impl Aggregate {
         let deletes = event.body == Body::Tombstone
             || source.delete_codes.iter().any(|code| *code == *event.code);
         if let Body::Envelope(envelope) = &event.body {
-            // Every input is read before anything changes, so that a failure has no effect.
-            for (rule, input) in read_inputs(rules, event, envelope)? {
+            // Every input is read before anything changes, so that a failure has no effect;
+            // decoding the section the event changes changes nothing the view means.
+            let inputs = read_inputs(rules, event, envelope)?;
+            if let (false, Some(section)) = (deletes, self.sources.get_mut(&source.name)) {
+                section.get_mut().map_err(|e| FoldError::Section {
+                    name: source.name.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            for (rule, input) in inputs {
                 self.fold_rule(rule, input);
             }
         }
@@ -107,7 +107,8 @@ impl Aggregate {
             let payload = envelope.payload.take().unwrap_or_default();
             // Updated in place: keys are not cloned anew.
             match self.sources.get_mut(&source.name) {
-                Some(section) => {
+                // Decoded above.
+                Some(Section::Decoded(section)) => {
                     let prev = std::mem::take(&mut section.state);
                     section.state = prev.merge(payload);
                     section.code.clone_from(&event.code);
@@ -116,18 +117,19 @@ impl Aggregate {
                     section.offset = event.origin.offset;
                     section.timestamp_ms = event.timestamp_ms;
                 }
+                Some(Section::Encoded(_)) => {
+                    unreachable!("the section an event changes is decoded before any change")
+                }
                 None => {
-                    self.sources.insert(
-                        source.name.clone(),
-                        SourceSection {
-                            code: event.code.clone(),
-                            message_id: event.message_id.clone(),
-                            partition: event.origin.tp.partition,
-                            offset: event.origin.offset,
-                            timestamp_ms: event.timestamp_ms,
-                            state: payload,
-                        },
-                    );
+                    let section = SourceSection {
+                        code: event.code.clone(),
+                        message_id: event.message_id.clone(),
+                        partition: event.origin.tp.partition,
+                        offset: event.origin.offset,
+                        timestamp_ms: event.timestamp_ms,
+                        state: payload,
+                    };
+                    self.sources.insert(source.name.clone(), section.into());
                 }
             }
         }
@@ -447,7 +449,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(agg.figures[&name("points")], json!(70));
-        let section = &agg.sources[&key("loyalty")];
+        let section = agg.sources[&key("loyalty")].get().unwrap();
         assert_eq!(
             section.state.to_value(),
             json!({"points": 30, "tier": "gold"})

@@ -88,6 +88,39 @@ enum OwnedFieldsText {
     Other(String),
 }
 
+/// [`FieldsText`] checked without being built: its strings borrowed, an object's pairs read and
+/// dropped (a stored view's sections are checked when it is read, decoded only when changed).
+#[derive(Deserialize)]
+#[allow(dead_code)] // Read only to check the shape.
+pub(crate) enum FieldsShape<'a> {
+    Object(PairsShape),
+    Other(#[serde(borrow)] &'a str),
+}
+
+/// A sequence of (name, JSON text) pairs, read and dropped.
+pub(crate) struct PairsShape;
+
+impl<'de> Deserialize<'de> for PairsShape {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(PairsShapeVisitor)
+    }
+}
+
+struct PairsShapeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PairsShapeVisitor {
+    type Value = PairsShape;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of (name, JSON text) pairs")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<(&'de str, &'de str)>()?.is_some() {}
+        Ok(PairsShape)
+    }
+}
+
 /// A value that can be read from its JSON text.
 trait FromJsonText: Sized {
     fn from_json_text(text: String) -> serde_json::Result<Self>;

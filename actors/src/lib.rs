@@ -23,6 +23,7 @@ pub mod partition_supervisor;
 pub mod pipeline;
 pub mod record;
 pub mod rules;
+pub mod section;
 pub mod small_map;
 pub mod store;
 pub mod topology;

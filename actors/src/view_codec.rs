@@ -3,7 +3,13 @@
 //! and decoding it costs a fraction of JSON's; views stored as JSON by earlier versions are
 //! still read. The HTTP API serves views as JSON whatever the store holds.
 
-use crate::aggregate::Aggregate;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::aggregate::{Aggregate, Section};
+use crate::json_fields::values_as_text;
+use crate::name::Name;
+use crate::small_map::SmallMap;
 
 /// First byte of a view in the binary encoding; JSON text never starts with it.
 const BINARY_V1: u8 = 1;
@@ -29,11 +35,38 @@ pub enum ViewCodecError {
     Empty,
 }
 
-/// Encodes `view` in the binary format.
+/// Encodes `view` in the binary format: as postcard encodes the [`Aggregate`], its sections
+/// still as stored copied as they are.
 pub fn encode(view: &Aggregate) -> Result<Vec<u8>, ViewCodecError> {
     let mut out = Vec::with_capacity(1024);
     out.push(BINARY_V1);
-    postcard::serialize_with_flavor(view, VecOutput(out)).map_err(ViewCodecError::Encode)
+    let mut ser = postcard::Serializer {
+        output: VecOutput(out),
+    };
+    encode_fields(view, &mut ser).map_err(ViewCodecError::Encode)?;
+    Ok(ser.output.0)
+}
+
+/// The view's fields in declaration order, as `#[derive(Serialize)]` writes them: a struct and a
+/// tuple are their fields one after the other, a map its length and its pairs.
+fn encode_fields(
+    view: &Aggregate,
+    ser: &mut postcard::Serializer<VecOutput>,
+) -> postcard::Result<()> {
+    (
+        &view.key,
+        view.partition,
+        view.events_applied,
+        view.updated_at_ms,
+    )
+        .serialize(&mut *ser)?;
+    view.sources.len().serialize(&mut *ser)?;
+    for (name, section) in view.sources.iter() {
+        name.serialize(&mut *ser)?;
+        section.put_binary(ser)?;
+    }
+    view.counters.serialize(&mut *ser)?;
+    values_as_text::serialize(&view.figures, &mut *ser)
 }
 
 /// postcard's output into a vector a slice at a time: its `to_io` makes every byte a call to
@@ -58,14 +91,49 @@ impl postcard::ser_flavors::Flavor for VecOutput {
     }
 }
 
-/// Decodes a view in the binary format, or in JSON as earlier versions stored it.
+/// Decodes a view in the binary format, or in JSON as earlier versions stored it. Sections of a
+/// binary view are checked and kept as stored ([`Section::Encoded`]).
 pub fn decode(bytes: &[u8]) -> Result<Aggregate, ViewCodecError> {
     match bytes.first() {
-        Some(&BINARY_V1) => postcard::from_bytes(&bytes[1..]).map_err(ViewCodecError::Binary),
+        Some(&BINARY_V1) => decode_fields(&bytes[1..]).map_err(ViewCodecError::Binary),
         Some(b'{') => serde_json::from_slice(bytes).map_err(ViewCodecError::Json),
         Some(&other) => Err(ViewCodecError::Format(other)),
         None => Err(ViewCodecError::Empty),
     }
+}
+
+/// The figures as [`encode_fields`] writes them.
+#[derive(Deserialize)]
+struct Figures(#[serde(with = "crate::json_fields::values_as_text")] SmallMap<Name, Value>);
+
+/// Reads what [`encode_fields`] wrote.
+fn decode_fields(bytes: &[u8]) -> postcard::Result<Aggregate> {
+    let ((key, partition, events_applied, updated_at_ms), mut rest) =
+        postcard::take_from_bytes::<(String, i32, u64, i64)>(bytes)?;
+    let (count, after) = postcard::take_from_bytes::<usize>(rest)?;
+    rest = after;
+    // Bounded by the data: a damaged count allocates nothing.
+    let mut sources = SmallMap::with_capacity(count.min(64));
+    for _ in 0..count {
+        let (name, after) = postcard::take_from_bytes::<String>(rest)?;
+        let (section, after) = Section::take_binary(after)?;
+        rest = after;
+        // Written in key order; anything else is still read, a later section of a name winning.
+        if let Some((name, section)) = sources.try_append(name, section) {
+            sources.insert(name, section);
+        }
+    }
+    let (counters, rest) = postcard::take_from_bytes(rest)?;
+    let (Figures(figures), _) = postcard::take_from_bytes(rest)?;
+    Ok(Aggregate {
+        key,
+        partition,
+        events_applied,
+        updated_at_ms,
+        sources,
+        counters,
+        figures,
+    })
 }
 
 #[cfg(test)]
@@ -92,7 +160,8 @@ mod tests {
                 offset: 2247,
                 timestamp_ms: 1_790_813_452_370,
                 state,
-            },
+            }
+            .into(),
         );
         view.sources.insert(
             "review-service".into(),
@@ -103,7 +172,8 @@ mod tests {
                 offset: 1454,
                 timestamp_ms: -1,
                 state: serde_json::from_str("[1, 2]").expect("json"),
-            },
+            }
+            .into(),
         );
         view.counters.insert("ORDER_CREATED".into(), 3);
         view.figures.insert("order_total".into(), json!(442.25));
@@ -141,7 +211,7 @@ mod tests {
         partition: i32,
         events_applied: u64,
         updated_at_ms: i64,
-        sources: std::collections::BTreeMap<&'a str, &'a SourceSection>,
+        sources: std::collections::BTreeMap<&'a str, &'a Section>,
         counters: std::collections::BTreeMap<&'a str, u64>,
         figures: Vec<(&'a str, String)>,
     }
@@ -170,6 +240,40 @@ mod tests {
         bytes.extend(postcard::to_allocvec(&before).expect("encodes"));
         assert_eq!(encode(&view).expect("encodes"), bytes);
         assert_eq!(decode(&bytes).expect("decodes"), view);
+    }
+
+    #[test]
+    fn a_view_read_back_keeps_its_sections_as_stored_until_one_changes() {
+        let mut view = view();
+        let bytes = encode(&view).expect("encodes");
+        let mut read = decode(&bytes).expect("decodes");
+        assert!(read
+            .sources
+            .values()
+            .all(|s| matches!(s, Section::Encoded(_))));
+        assert_eq!(encode(&read).expect("encodes"), bytes, "copied as stored");
+        for v in [&mut view, &mut read] {
+            let section = v.sources.get_mut("review-service").expect("section");
+            section.get_mut().expect("decodes").offset = 1455;
+        }
+        assert!(matches!(
+            read.sources.get("order-service"),
+            Some(Section::Encoded(_))
+        ));
+        assert!(matches!(
+            read.sources.get("review-service"),
+            Some(Section::Decoded(_))
+        ));
+        assert_eq!(
+            encode(&read).expect("encodes"),
+            encode(&view).expect("encodes")
+        );
+        assert_eq!(read, view);
+        assert_eq!(
+            serde_json::to_value(&read).expect("json"),
+            serde_json::to_value(&view).expect("json"),
+            "the API serves stored sections decoded"
+        );
     }
 
     #[test]
