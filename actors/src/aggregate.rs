@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::envelope::{json_type, Body, Envelope, Event};
+use crate::figure::Figure;
 use crate::name::Name;
 use crate::rules::{RuleConfig, RuleKind, Rules};
 use crate::small_map::SmallMap;
@@ -27,8 +28,8 @@ pub struct Aggregate {
     /// Events applied per code.
     pub counters: SmallMap<Name, u64>,
     /// The figures the rules derive, by rule name.
-    #[serde(with = "crate::json_fields::values_as_text")]
-    pub figures: SmallMap<Name, Value>,
+    #[serde(with = "crate::json_fields::figures_as_text")]
+    pub figures: SmallMap<Name, Figure>,
 }
 
 /// Why an event could not be folded; the aggregate is left as it was.
@@ -53,11 +54,11 @@ pub enum FoldError {
         /// The JSON type found.
         found: &'static str,
     },
-    /// The stored section the event changes does not decode.
-    #[error("the view's section of {name:?}: {reason}")]
-    Section {
-        /// The source's name.
-        name: String,
+    /// A part of the view the event changes, still as stored, does not decode.
+    #[error("the view's {part} does not decode: {reason}")]
+    Unreadable {
+        /// Which part: a source's section or a rule's figure, by name.
+        part: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -92,10 +93,18 @@ impl Aggregate {
             // decoding the section the event changes changes nothing the view means.
             let inputs = read_inputs(rules, event, envelope)?;
             if let (false, Some(section)) = (deletes, self.sources.get_mut(&source.name)) {
-                section.get_mut().map_err(|e| FoldError::Section {
-                    name: source.name.clone(),
+                section.get_mut().map_err(|e| FoldError::Unreadable {
+                    part: format!("section {:?}", source.name),
                     reason: e.to_string(),
                 })?;
+            }
+            for (rule, _) in &inputs {
+                if let Some(figure) = self.figures.get_mut(rule.name.as_str()) {
+                    figure.value_mut().map_err(|e| FoldError::Unreadable {
+                        part: format!("figure {:?}", rule.name),
+                        reason: e.to_string(),
+                    })?;
+                }
             }
             for (rule, input) in inputs {
                 self.fold_rule(rule, input);
@@ -147,10 +156,15 @@ impl Aggregate {
     /// Folds `input` into the rule's figure, its slot looked up once.
     fn fold_rule(&mut self, rule: &RuleConfig, input: Input) {
         match self.figures.get_mut(rule.name.as_str()) {
-            Some(slot) => *slot = next_figure(rule, input, Some(std::mem::take(slot))),
+            Some(Figure::Value(slot)) => {
+                *slot = next_figure(rule, input, Some(std::mem::take(slot)))
+            }
+            Some(Figure::Stored(_)) => {
+                unreachable!("the figures an event changes are decoded before any change")
+            }
             None => {
                 let first = next_figure(rule, input, None);
-                self.figures.insert(Name::new(&rule.name), first);
+                self.figures.insert(Name::new(&rule.name), first.into());
             }
         }
     }
@@ -402,9 +416,14 @@ mod tests {
         assert_eq!(agg.figures[&name("total")], json!(42.5));
         assert_eq!(agg.figures[&name("smallest")], json!(2.5));
         assert_eq!(agg.figures[&name("largest")], json!(30));
-        assert_eq!(agg.figures[&name("mean")]["count"], json!(3));
         assert_eq!(
-            agg.figures[&name("mean")]["avg"].as_f64().unwrap(),
+            agg.figures[&name("mean")].value().unwrap()["count"],
+            json!(3)
+        );
+        assert_eq!(
+            agg.figures[&name("mean")].value().unwrap()["avg"]
+                .as_f64()
+                .unwrap(),
             42.5 / 3.0
         );
         assert_eq!(agg.counters[&name("CREATED")], 3);
@@ -513,6 +532,35 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, FoldError::MissingField { .. }));
         assert_eq!(agg, before);
+    }
+
+    #[test]
+    fn a_stored_figure_that_does_not_decode_fails_the_fold_and_changes_nothing() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let raw = serde_json::value::RawValue::from_string(deep).unwrap();
+        agg.figures.insert(name("total"), Figure::Stored(raw));
+        let before = agg.clone();
+        let err = agg
+            .apply(
+                &r,
+                &mut event(&r, "orders", 0, "CREATED", json!({"id": 0, "amount": 1})),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the view's figure \"total\" does not decode"),
+            "{err}"
+        );
+        assert_eq!(agg, before);
+        // An event no rule of that figure matches still folds.
+        agg.apply(
+            &r,
+            &mut event(&r, "loyalty", 1, "EARNED", json!({"points": 5})),
+        )
+        .unwrap();
+        assert_eq!(agg.figures[&name("points")], json!(5));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::figure::Figure;
 use crate::name::Name;
 use crate::small_map::SmallMap;
 
@@ -132,9 +133,9 @@ impl FromJsonText for Box<RawValue> {
     }
 }
 
-impl FromJsonText for Value {
+impl FromJsonText for Figure {
     fn from_json_text(text: String) -> serde_json::Result<Self> {
-        serde_json::from_str(&text)
+        RawValue::from_string(text).map(Figure::Stored)
     }
 }
 
@@ -212,39 +213,40 @@ impl<'de> Deserialize<'de> for Fields {
     }
 }
 
-/// Serde adapter for JSON values in formats that are not human-readable: each value as its JSON
-/// text (such formats cannot read a value whose type the data alone tells).
-pub(crate) mod values_as_text {
+/// Serde adapter for a view's figures in formats that are not human-readable: each figure as its
+/// JSON text (such formats cannot read a value whose type the data alone tells), read back as
+/// stored ([`Figure::Stored`]).
+pub(crate) mod figures_as_text {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use serde_json::Value;
 
+    use crate::figure::Figure;
     use crate::name::Name;
     use crate::small_map::SmallMap;
 
-    /// Writes `values`: as they are in JSON, each as its text otherwise.
+    /// Writes `figures`: as they are in JSON, each as its text otherwise.
     pub(crate) fn serialize<S: Serializer>(
-        values: &SmallMap<Name, Value>,
+        figures: &SmallMap<Name, Figure>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
-            return values.serialize(serializer);
+            return figures.serialize(serializer);
         }
-        let texts: Vec<(&str, String)> = values
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.to_string()))
-            .collect();
-        texts.serialize(serializer)
+        serializer.collect_seq(
+            figures
+                .iter()
+                .map(|(name, figure)| (name.as_str(), figure.json_text())),
+        )
     }
 
     /// Reads what [`serialize`] wrote.
     pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
-    ) -> Result<SmallMap<Name, Value>, D::Error> {
+    ) -> Result<SmallMap<Name, Figure>, D::Error> {
         if deserializer.is_human_readable() {
             return SmallMap::deserialize(deserializer);
         }
-        super::TextMap::<Name, Value>::deserialize(deserializer)
-            .map(|super::TextMap(values)| values)
+        super::TextMap::<Name, Figure>::deserialize(deserializer)
+            .map(|super::TextMap(figures)| figures)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod entity_actor;
 pub mod entity_registry;
 pub mod envelope;
 pub mod fault_injector;
+pub mod figure;
 pub mod json_fields;
 pub mod kill;
 pub mod ledger;

@@ -4,10 +4,10 @@
 //! still read. The HTTP API serves views as JSON whatever the store holds.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::aggregate::{Aggregate, Section};
-use crate::json_fields::values_as_text;
+use crate::figure::Figure;
+use crate::json_fields::figures_as_text;
 use crate::name::Name;
 use crate::small_map::SmallMap;
 
@@ -66,7 +66,7 @@ fn encode_fields(
         section.put_binary(ser)?;
     }
     view.counters.serialize(&mut *ser)?;
-    values_as_text::serialize(&view.figures, &mut *ser)
+    figures_as_text::serialize(&view.figures, &mut *ser)
 }
 
 /// postcard's output into a vector a slice at a time: its `to_io` makes every byte a call to
@@ -104,7 +104,7 @@ pub fn decode(bytes: &[u8]) -> Result<Aggregate, ViewCodecError> {
 
 /// The figures as [`encode_fields`] writes them.
 #[derive(Deserialize)]
-struct Figures(#[serde(with = "crate::json_fields::values_as_text")] SmallMap<Name, Value>);
+struct Figures(#[serde(with = "crate::json_fields::figures_as_text")] SmallMap<Name, Figure>);
 
 /// Reads what [`encode_fields`] wrote.
 fn decode_fields(bytes: &[u8]) -> postcard::Result<Aggregate> {
@@ -176,13 +176,14 @@ mod tests {
             .into(),
         );
         view.counters.insert("ORDER_CREATED".into(), 3);
-        view.figures.insert("order_total".into(), json!(442.25));
         view.figures
-            .insert("rating".into(), json!({"avg": 1, "count": 1}));
+            .insert("order_total".into(), json!(442.25).into());
         view.figures
-            .insert("recent_orders".into(), json!(["ORD1", "ORD2"]));
-        view.figures.insert("last".into(), json!(null));
-        view.figures.insert("big".into(), json!(u64::MAX));
+            .insert("rating".into(), json!({"avg": 1, "count": 1}).into());
+        view.figures
+            .insert("recent_orders".into(), json!(["ORD1", "ORD2"]).into());
+        view.figures.insert("last".into(), json!(null).into());
+        view.figures.insert("big".into(), json!(u64::MAX).into());
         view
     }
 
@@ -233,7 +234,7 @@ mod tests {
             figures: view
                 .figures
                 .iter()
-                .map(|(k, v)| (k.as_str(), v.to_string()))
+                .map(|(k, v)| (k.as_str(), v.json_text().into_owned()))
                 .collect(),
         };
         let mut bytes = vec![BINARY_V1];
@@ -251,6 +252,10 @@ mod tests {
             .sources
             .values()
             .all(|s| matches!(s, Section::Encoded(_))));
+        assert!(read
+            .figures
+            .values()
+            .all(|f| matches!(f, Figure::Stored(_))));
         assert_eq!(encode(&read).expect("encodes"), bytes, "copied as stored");
         for v in [&mut view, &mut read] {
             let section = v.sources.get_mut("review-service").expect("section");
