@@ -1,8 +1,6 @@
 //! Turns a raw record into an [`Event`] (the envelope of DESIGN §1), or into a [`Rejection`] that
 //! says why it cannot be processed and goes to the dead-letter topic.
 
-use std::collections::BTreeMap;
-
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -10,6 +8,7 @@ use crate::json_fields::{decode, first_token, value_at, Fields};
 use crate::name::Name;
 use crate::record::{Origin, Record};
 use crate::rules::Rules;
+use crate::small_map::SmallMap;
 
 /// Header that carries the message id; it wins over `metadata.message_id`.
 pub const MESSAGE_ID_HEADER: &str = "message_id";
@@ -39,7 +38,7 @@ pub struct Envelope {
     /// The payload; the fold moves it into the view, leaving `None` (as for an envelope without).
     pub payload: Option<Fields>,
     /// The other top-level fields (`metadata`, `code`, ...), by name.
-    pub rest: BTreeMap<String, Box<RawValue>>,
+    pub rest: SmallMap<Name, Box<RawValue>>,
 }
 
 impl Envelope {
@@ -68,7 +67,7 @@ impl Envelope {
             let mut whole: serde_json::Map<String, Value> = self
                 .rest
                 .iter()
-                .map(|(name, raw)| (name.clone(), decode(raw)))
+                .map(|(name, raw)| (name.to_string(), decode(raw)))
                 .collect();
             if let Some(payload) = &self.payload {
                 whole.insert("payload".into(), payload.to_value());
@@ -102,10 +101,10 @@ impl<'de> serde::Deserialize<'de> for Envelope {
             ) -> Result<Envelope, A::Error> {
                 let mut envelope = Envelope {
                     payload: None,
-                    rest: BTreeMap::new(),
+                    rest: SmallMap::new(),
                 };
-                while let Some(name) = map.next_key::<String>()? {
-                    if name == "payload" {
+                while let Some(name) = map.next_key::<Name>()? {
+                    if *name == *"payload" {
                         envelope.payload = Some(map.next_value::<Fields>()?);
                     } else {
                         envelope.rest.insert(name, map.next_value()?);
@@ -262,12 +261,14 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
     }
     let text = std::str::from_utf8(raw).map_err(|e| Rejection::InvalidUtf8(e.to_string()))?;
     let envelope = Envelope::from_text(text)?;
-    let Some(Value::Object(mut meta)) = envelope.field("metadata") else {
-        return Err(Rejection::MissingMetadata);
-    };
+    let meta = envelope
+        .rest
+        .get("metadata")
+        .and_then(|raw| serde_json::from_str::<Metadata>(raw.get()).ok())
+        .ok_or(Rejection::MissingMetadata)?;
     let message_id = match header_id {
         Some(id) => id,
-        None => match meta.remove("message_id") {
+        None => match meta.message_id {
             Some(Value::String(id)) if !id.is_empty() => id,
             _ => return Err(Rejection::MissingMessageId),
         },
@@ -277,8 +278,8 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
         _ => return Err(Rejection::MissingCode),
     };
     let src = rules.source(source);
-    match meta.get("service_name") {
-        None | Some(Value::Null) => {}
+    match &meta.service_name {
+        None => {}
         Some(Value::String(name)) if *name == src.name => {}
         Some(other) => {
             return Err(Rejection::ServiceMismatch {
@@ -289,9 +290,9 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
             })
         }
     }
-    let timestamp_ms = match meta.get("timestamp") {
-        None | Some(Value::Null) => record.timestamp_ms.unwrap_or(0),
-        Some(Value::String(ts)) => chrono::DateTime::parse_from_rfc3339(ts)
+    let timestamp_ms = match meta.timestamp {
+        None => record.timestamp_ms.unwrap_or(0),
+        Some(Value::String(ts)) => chrono::DateTime::parse_from_rfc3339(&ts)
             .map_err(|_| Rejection::BadTimestamp(ts.clone()))?
             .timestamp_millis(),
         Some(other) => return Err(Rejection::BadTimestamp(other.to_string())),
@@ -319,6 +320,83 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
         timestamp_ms,
         body: Body::Envelope(envelope),
     })
+}
+
+/// The metadata fields the service reads (a `null` one as if absent), read from the metadata's
+/// text without building a map of all of them; only an object is metadata, and a later field of
+/// a name wins, as in a map.
+#[derive(Default)]
+struct Metadata {
+    message_id: Option<Value>,
+    service_name: Option<Value>,
+    timestamp: Option<Value>,
+}
+
+/// A metadata field's name: one the service reads, or another.
+enum MetadataKey {
+    MessageId,
+    ServiceName,
+    Timestamp,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for MetadataKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = MetadataKey;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<MetadataKey, E> {
+                Ok(match name {
+                    "message_id" => MetadataKey::MessageId,
+                    "service_name" => MetadataKey::ServiceName,
+                    "timestamp" => MetadataKey::Timestamp,
+                    _ => MetadataKey::Other,
+                })
+            }
+        }
+
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Metadata {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MetadataVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for MetadataVisitor {
+            type Value = Metadata;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a metadata object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Metadata, A::Error> {
+                let mut meta = Metadata::default();
+                while let Some(key) = map.next_key::<MetadataKey>()? {
+                    match key {
+                        MetadataKey::MessageId => meta.message_id = map.next_value()?,
+                        MetadataKey::ServiceName => meta.service_name = map.next_value()?,
+                        MetadataKey::Timestamp => meta.timestamp = map.next_value()?,
+                        MetadataKey::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(meta)
+            }
+        }
+
+        deserializer.deserialize_map(MetadataVisitor)
+    }
 }
 
 fn record_key(record: &Record, limits: &ParseLimits) -> Result<String, Rejection> {
@@ -404,6 +482,25 @@ mod tests {
     const GOOD: &[u8] = br#"{"metadata":{"timestamp":"2026-10-01T12:00:00Z","message_id":"m1","service_name":"order-service"},"code":"ORDER_CREATED","payload":{"customer_id":"C9","total_amount":1.5}}"#;
 
     #[test]
+    fn metadata_is_read_as_a_map_would_be() {
+        // Escaped names, fields it does not read (nested too), a later field of a name winning,
+        // null as if absent.
+        let value = br#"{"metadata":{"trace":{"id":[1,{"x":null}]},"message\u005fid":"first",
+            "service_name":null,"message_id":"m2","timestamp":"2026-10-01T12:00:01Z","timestamp":null},
+            "code":"ORDER_CREATED","payload":{}}"#;
+        let event = parse(&record(Some(value), vec![]), &rules(None), &LIMITS).unwrap();
+        assert_eq!(event.message_id, "m2");
+        assert_eq!(
+            event.timestamp_ms, 5,
+            "the record's time when the metadata's is null"
+        );
+        let value =
+            br#"{"metadata":{"message_id":"m","timestamp":"2026-10-01T12:00:01Z"},"code":"C"}"#;
+        let event = parse(&record(Some(value), vec![]), &rules(None), &LIMITS).unwrap();
+        assert_eq!(event.timestamp_ms, 1_790_856_001_000);
+    }
+
+    #[test]
     fn parses_a_good_envelope_with_record_key() {
         let e = parse(&record(Some(GOOD), vec![]), &rules(None), &LIMITS).unwrap();
         assert_eq!(e.key, "C1");
@@ -450,6 +547,16 @@ mod tests {
             (
                 br#"{"metadata":{"message_id":"m","timestamp":"yesterday"},"code":"X"}"#,
                 "bad_timestamp",
+            ),
+            (br#"{"metadata":["m"],"code":"X"}"#, "missing_metadata"),
+            (br#"{"metadata":"m","code":"X"}"#, "missing_metadata"),
+            (
+                br#"{"metadata":{"message_id":7},"code":"X"}"#,
+                "missing_message_id",
+            ),
+            (
+                br#"{"metadata":{"message_id":"m","service_name":7},"code":"X"}"#,
+                "service_mismatch",
             ),
         ];
         for (value, reason) in cases {
