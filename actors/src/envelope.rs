@@ -104,7 +104,7 @@ impl<'de> serde::Deserialize<'de> for Envelope {
                     rest: SmallMap::new(),
                 };
                 while let Some(name) = map.next_key::<Name>()? {
-                    if *name == *"payload" {
+                    if name.as_str() == "payload" {
                         envelope.payload = Some(map.next_value::<Fields>()?);
                     } else {
                         envelope.rest.insert(name, map.next_value()?);
