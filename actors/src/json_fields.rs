@@ -77,9 +77,19 @@ impl PartialEq for Fields {
 /// The form of [`Fields`] in formats that are not human-readable (the store's binary
 /// encoding): each field's JSON text as a string, so that nothing is decoded.
 #[derive(Serialize)]
-enum FieldsText<'a> {
-    Object(Vec<(&'a str, &'a str)>),
+enum FieldsText<'a, P> {
+    /// A sequence of (name, JSON text) pairs.
+    Object(P),
     Other(&'a str),
+}
+
+/// An object's fields as (name, JSON text) pairs, written straight from its map.
+struct PairsText<'a>(&'a SmallMap<Name, Box<RawValue>>);
+
+impl Serialize for PairsText<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(name, raw)| (name.as_str(), raw.get())))
+    }
 }
 
 /// [`FieldsText`] read back.
@@ -179,12 +189,7 @@ impl Serialize for Fields {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if !serializer.is_human_readable() {
             return match self {
-                Fields::Object(fields) => FieldsText::Object(
-                    fields
-                        .iter()
-                        .map(|(name, raw)| (name.as_str(), raw.get()))
-                        .collect(),
-                ),
+                Fields::Object(fields) => FieldsText::Object(PairsText(fields)),
                 Fields::Other(raw) => FieldsText::Other(raw.get()),
             }
             .serialize(serializer);
@@ -386,6 +391,24 @@ mod tests {
 
         let bad = postcard::to_allocvec(&FieldsText::Object(vec![("a", "{")])).unwrap();
         assert!(postcard::from_bytes::<Fields>(&bad).is_err());
+    }
+
+    #[test]
+    fn binary_fields_are_written_as_a_vector_of_pairs_was() {
+        // The form stored views hold: variant index, then the pairs as a sequence.
+        let object = fields(r#"{"b": [1, "x"], "a": {"c": null}}"#);
+        // Each field's text as it arrived.
+        let as_vector = FieldsText::Object(vec![("a", r#"{"c": null}"#), ("b", r#"[1, "x"]"#)]);
+        assert_eq!(
+            postcard::to_allocvec(&object).unwrap(),
+            postcard::to_allocvec(&as_vector).unwrap()
+        );
+        let other = fields("[1, 2]");
+        let as_text = FieldsText::<Vec<(&str, &str)>>::Other("[1,2]");
+        assert_eq!(
+            postcard::to_allocvec(&other).unwrap(),
+            postcard::to_allocvec(&as_text).unwrap()
+        );
     }
 
     #[test]
