@@ -66,7 +66,16 @@ async fn entity(state: web::Data<ApiState>, key: web::Path<String>) -> HttpRespo
         return error(StatusCode::BAD_REQUEST, "entity key has control characters");
     }
     match state.dedup.send(Peek { key: key.clone() }).await {
-        Ok(Ok(Some(view))) => HttpResponse::Ok().json(view),
+        Ok(Ok(Some(view))) => match serde_json::to_vec(&view) {
+            Ok(body) => HttpResponse::Ok()
+                .content_type(actix_web::http::header::ContentType::json())
+                .body(body),
+            // A part of the view still as stored whose bytes are damaged: decoded only now.
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the view of {key:?} does not decode: {e}"),
+            ),
+        },
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no entity with key {key:?}")),
         Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the store is not running"),

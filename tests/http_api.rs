@@ -1,5 +1,5 @@
 //! The HTTP API: topology, entity views, health, readiness and metrics, and JSON errors (never a
-//! 500) for unknown keys, malformed keys and unknown paths.
+//! 500) for unknown keys, malformed keys, unknown paths and damaged stored views.
 
 mod common;
 
@@ -101,6 +101,50 @@ async fn endpoints_answer_json_and_errors_are_4xx() {
     assert_eq!(
         metric_sum(&metrics, "aggregator_consumed_total") as usize,
         produced.len()
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_damaged_stored_view_is_a_json_error_not_a_500() {
+    use aggregator_actors::aggregate::{Aggregate, SourceSection};
+    use aggregator_actors::view_codec;
+
+    let (_dir, config, _broker) = setup();
+    // A view whose section holds a payload field that is no longer JSON: the store reads its
+    // sections as stored, so only serving it decodes the field.
+    let mut view = Aggregate::new("C_DAMAGED", 0);
+    view.sources.insert(
+        "order-service".into(),
+        SourceSection {
+            code: "ORDER_CREATED".into(),
+            message_id: "m1".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            state: serde_json::from_str(r#"{"items":[1]}"#).unwrap(),
+        }
+        .into(),
+    );
+    let mut bytes = view_codec::encode(&view).unwrap();
+    let at = bytes.windows(3).position(|w| w == b"[1]").unwrap();
+    bytes[at..at + 3].copy_from_slice(b"[1,");
+    {
+        let db = sled::open(&config.store.path).unwrap();
+        db.insert(b"e/C_DAMAGED", bytes).unwrap();
+        db.flush().unwrap();
+    }
+
+    let running = service::start(&config).await.unwrap();
+    let response = reqwest::get(format!("http://{}/entities/C_DAMAGED", running.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let body: Value = response.json().await.unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("the view of \"C_DAMAGED\" does not decode"),
+        "{body}"
     );
     running.shutdown().await.unwrap();
 }
