@@ -172,14 +172,10 @@ impl<'de, K: Deserialize<'de> + Ord, V: FromJsonText> serde::de::Visitor<'de>
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        // The hint comes from the data: bounded, so that a corrupt length allocates nothing.
-        let mut map = SmallMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        let mut map = SmallMap::for_reading(seq.size_hint().unwrap_or(0));
         while let Some((name, text)) = seq.next_element::<(K, String)>()? {
             let value = V::from_json_text(text).map_err(serde::de::Error::custom)?;
-            // Written in key order; anything else is still read, a later pair of a name winning.
-            if let Some((name, value)) = map.try_append(name, value) {
-                map.insert(name, value);
-            }
+            map.push_read(name, value);
         }
         Ok(TextMap(map))
     }

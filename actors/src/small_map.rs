@@ -23,6 +23,25 @@ impl<K, V> SmallMap<K, V> {
     pub fn with_capacity(capacity: usize) -> Self {
         SmallMap(LiteMap::with_capacity(capacity))
     }
+
+    /// An empty map for the `count` entries stored data says follow; the room taken ahead is
+    /// bounded, so that a damaged count allocates nothing large.
+    pub fn for_reading(count: usize) -> Self {
+        Self::with_capacity(count.min(READ_AHEAD))
+    }
+}
+
+/// Most entries a map read back is given room for ahead.
+const READ_AHEAD: usize = 64;
+
+impl<K: Ord, V> SmallMap<K, V> {
+    /// Adds an entry read back: appended while keys come in order, as maps are written;
+    /// inserted otherwise, a later entry of a key replacing the earlier.
+    pub fn push_read(&mut self, key: K, value: V) {
+        if let Some((key, value)) = self.0.try_append(key, value) {
+            self.0.insert(key, value);
+        }
+    }
 }
 
 impl<K, V> Default for SmallMap<K, V> {
@@ -91,6 +110,16 @@ mod tests {
     fn both(entries: &[(&str, u64)]) -> (SmallMap<String, u64>, BTreeMap<String, u64>) {
         let owned = || entries.iter().map(|(k, v)| (k.to_string(), *v));
         (owned().collect(), owned().collect())
+    }
+
+    #[test]
+    fn entries_read_back_out_of_order_are_sorted_and_the_last_of_a_key_wins() {
+        let mut map = SmallMap::for_reading(usize::MAX);
+        for (k, v) in [("b", 1), ("d", 2), ("a", 3), ("d", 4), ("c", 5)] {
+            map.push_read(k, v);
+        }
+        let entries: Vec<_> = map.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!(entries, [("a", 3), ("b", 1), ("c", 5), ("d", 4)]);
     }
 
     #[test]

@@ -112,16 +112,12 @@ fn decode_fields(bytes: &[u8]) -> postcard::Result<Aggregate> {
         postcard::take_from_bytes::<(String, i32, u64, i64)>(bytes)?;
     let (count, after) = postcard::take_from_bytes::<usize>(rest)?;
     rest = after;
-    // Bounded by the data: a damaged count allocates nothing.
-    let mut sources = SmallMap::with_capacity(count.min(64));
+    let mut sources = SmallMap::for_reading(count);
     for _ in 0..count {
         let (name, after) = postcard::take_from_bytes::<String>(rest)?;
         let (section, after) = Section::take_binary(after)?;
         rest = after;
-        // Written in key order; anything else is still read, a later section of a name winning.
-        if let Some((name, section)) = sources.try_append(name, section) {
-            sources.insert(name, section);
-        }
+        sources.push_read(name, section);
     }
     let (counters, rest) = postcard::take_from_bytes(rest)?;
     let (Figures(figures), _) = postcard::take_from_bytes(rest)?;
