@@ -47,6 +47,21 @@ pub struct BenchOptions {
     pub seed: u64,
 }
 
+impl BenchOptions {
+    /// The generated stream both workloads read: well-formed events and upstream duplicates.
+    pub(crate) fn generator(&self, config: &Config) -> Generator {
+        Generator::new(
+            GeneratorConfig {
+                seed: self.seed,
+                customers: self.keys,
+                duplicate_rate: self.duplicates,
+                malformed_rate: 0.0,
+            },
+            &config.sources,
+        )
+    }
+}
+
 /// One workload's throughput.
 #[derive(Debug, Clone, Serialize)]
 pub struct Workload {
@@ -63,7 +78,7 @@ pub struct Workload {
 
 impl Workload {
     /// A workload of `events` done in the `seconds` and the CPU `cpu_seconds` since its first.
-    fn new(events: u64, seconds: f64, cpu_seconds: f64) -> Self {
+    pub(crate) fn new(events: u64, seconds: f64, cpu_seconds: f64) -> Self {
         Workload {
             events,
             seconds,
@@ -85,7 +100,7 @@ const USER_HZ: f64 = 100.0;
 
 /// CPU time this process has used so far, user and system, every thread, in seconds (0 where
 /// `/proc` is unreadable).
-fn process_cpu_seconds() -> f64 {
+pub(crate) fn process_cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
@@ -180,15 +195,7 @@ impl Feeder {
             &[("linger.ms", linger.as_str())],
         )?;
         let deliveries = producer.deliveries.clone();
-        let generator = Generator::new(
-            GeneratorConfig {
-                seed: options.seed,
-                customers: options.keys,
-                duplicate_rate: options.duplicates,
-                malformed_rate: 0.0,
-            },
-            &config.sources,
-        );
+        let generator = options.generator(config);
         let (events, ahead, rate) = (options.events, options.ahead, options.rate);
         let handle = std::thread::Builder::new()
             .name("bench-producer".into())
@@ -474,8 +481,8 @@ pub fn render(r: &BenchReport) -> String {
     format!(
         "events {} | keys {} | 7 topics x {} partitions | offered {} | commit interval {} ms | \
          producer linger {} ms\n\
-         baseline   (bare consumer) {:>10.0} events/s ({:.2} s, CPU {:.1} us/event)\n\
-         aggregator (full service)  {:>10.0} events/s ({:.2} s, CPU {:.1} us/event)\n\
+         baseline   (bare consumer) {}\n\
+         aggregator (full service)  {}\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          latency produce->parsed (bare consumer): {baseline_latency}\n\
@@ -483,8 +490,7 @@ pub fn render(r: &BenchReport) -> String {
          restart: serving {:.0} ms, ready {:.0} ms | without the shutdown's checkpoint (as after a \
          crash): serving {:.0} ms, ready {:.0} ms\n\
          dedup markers kept {} (window {} ids per partition), expired {}\n\
-         verified (every event applied once): {} (produced {}, consumed {}, applied {}, dropped {} \
-         of {} duplicates sent, dead-lettered {})",
+         verified (every event applied once): {} ({})",
         r.events,
         r.keys,
         r.partitions,
@@ -492,12 +498,8 @@ pub fn render(r: &BenchReport) -> String {
             .map_or("unlimited".to_string(), |x| format!("{x}/s")),
         r.commit_interval_ms,
         r.linger_ms,
-        r.baseline.events_per_sec,
-        r.baseline.seconds,
-        r.baseline.cpu_us_per_event,
-        r.aggregator.events_per_sec,
-        r.aggregator.seconds,
-        r.aggregator.cpu_us_per_event,
+        workload_line(&r.baseline, "event"),
+        workload_line(&r.aggregator, "event"),
         r.ratio,
         r.peak_rss_mib,
         r.store_bytes as f64 / (1024.0 * 1024.0),
@@ -510,12 +512,23 @@ pub fn render(r: &BenchReport) -> String {
         r.dedup_window,
         r.markers_expired,
         r.verified,
-        r.counts[0],
-        r.counts[1],
-        r.counts[2],
-        r.counts[3],
-        r.counts[4],
-        r.counts[5],
+        counts_text("produced", &r.counts),
+    )
+}
+
+/// A workload's throughput, time and CPU per `unit`, for the reports.
+pub(crate) fn workload_line(w: &Workload, unit: &str) -> String {
+    format!(
+        "{:>10.0} {unit}s/s ({:.2} s, CPU {:.1} us/{unit})",
+        w.events_per_sec, w.seconds, w.cpu_us_per_event
+    )
+}
+
+/// What an exactly-once check compared, `first` naming the records put in (produced or fed).
+pub(crate) fn counts_text(first: &str, c: &[u64; 6]) -> String {
+    format!(
+        "{first} {}, consumed {}, applied {}, dropped {} of {} duplicates sent, dead-lettered {}",
+        c[0], c[1], c[2], c[3], c[4], c[5]
     )
 }
 

@@ -14,5 +14,6 @@ pub mod embedded_broker;
 pub mod event_producer;
 pub mod generator;
 pub mod http;
+pub mod pipeline_bench;
 pub mod service;
 pub mod verifier;

@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
+use aggregator_actors::changelog::ChangelogSink;
 use aggregator_actors::dead_letter::{DeadLetterSink, DeadLetterer};
 use aggregator_actors::dedup_actor::{DedupActor, Release};
 use aggregator_actors::entity_actor::Passivate;
 use aggregator_actors::fault_injector::FaultInjector;
 use aggregator_actors::ledger::Ledger;
 use aggregator_actors::metrics::Metrics;
-use aggregator_actors::offset_committer::{OffsetCommitter, Shutdown};
+use aggregator_actors::offset_committer::{OffsetCommitter, OffsetSink, Shutdown};
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::Topology;
 use aggregator_actors::view_loader::ViewLoader;
@@ -84,21 +85,45 @@ pub async fn start(config: &Config) -> Result<RunningService, StartError> {
     start_with(config, dead_letters).await
 }
 
-/// Starts the service with `dead_letters` as the dead-letter sink.
-pub async fn start_with(
+/// The actor tree with its store and sinks, before any record reaches it: what the service wires
+/// to Kafka and the pipeline benchmark feeds directly.
+pub struct ActorTree {
+    /// The shared context the partition supervisors are started with.
+    pub pipeline: Arc<Pipeline>,
+    /// Live figures of the tree.
+    pub topology: Arc<Topology>,
+    /// Exported metrics.
+    pub metrics: Arc<Metrics>,
+    /// The dedup actor.
+    pub dedup: Addr<DedupActor>,
+    /// The thread the dedup actor runs on.
+    pub dedup_thread: Arbiter,
+    /// The offset committer.
+    pub committer: Addr<OffsetCommitter>,
+    /// Injects store write faults.
+    pub store_faults: FaultInjector,
+    /// Injects rule failures.
+    pub rule_faults: FaultInjector,
+}
+
+/// Starts the actor tree over `store` on the current arbiter (the dedup actor on a thread of its
+/// own), committing to `offsets`, dead-lettering to `dead_letters` and publishing written views
+/// to `changelog`, if any. Must run inside an actix system.
+pub fn start_actors(
     config: &Config,
+    store: Store,
+    offsets: Arc<dyn OffsetSink>,
     dead_letters: Arc<dyn DeadLetterSink>,
-) -> Result<RunningService, StartError> {
+    changelog: Option<Arc<dyn ChangelogSink>>,
+) -> Result<ActorTree, StartError> {
     let rules = Arc::new(config.rules()?);
-    let store = config.store.open()?;
     let store_faults = store.fault_injector();
     let rule_faults = FaultInjector::default();
     let topology = Arc::new(Topology::default());
     let metrics = Arc::new(Metrics::new(&rules));
-    let sink = Arc::new(KafkaOffsetSink::default());
     // Both run under supervisors that restart them, address and mailbox kept, when they die.
     let committer = OffsetCommitter::new(
-        sink.clone(),
+        offsets,
         topology.clone(),
         metrics.clone(),
         Config::ms(config.tuning.commit_interval_ms),
@@ -106,7 +131,7 @@ pub async fn start_with(
     let committer = Supervisor::start(move |_| committer);
     let ledger = Arc::new(Ledger::new(store.clone(), topology.clone()));
     let mut dedup = DedupActor::new(
-        store.clone(),
+        store,
         ledger.clone(),
         Arbiter::current(),
         committer.clone().recipient(),
@@ -114,11 +139,8 @@ pub async fn start_with(
         metrics.clone(),
         Config::ms(config.store.flush_interval_ms),
     );
-    let mut restorer = None;
-    if config.changelog.enabled {
-        dedup = dedup.with_changelog(Arc::new(KafkaChangelog::new(config)?));
-        let reader = ChangelogRestorer::new(config).map_err(ChangelogSetupError::Kafka)?;
-        restorer = Some((reader, store));
+    if let Some(changelog) = changelog {
+        dedup = dedup.with_changelog(changelog);
     }
     // On a thread of its own: encoding views and reading the store leave the entity actors' thread.
     let dedup_thread = Arbiter::new();
@@ -143,11 +165,38 @@ pub async fn start_with(
         rule_retry_backoff: Config::ms(config.tuning.rule_retry_backoff_ms),
         rule_faults: rule_faults.clone(),
     });
+    Ok(ActorTree {
+        pipeline,
+        topology,
+        metrics,
+        dedup,
+        dedup_thread,
+        committer,
+        store_faults,
+        rule_faults,
+    })
+}
+
+/// Starts the service with `dead_letters` as the dead-letter sink.
+pub async fn start_with(
+    config: &Config,
+    dead_letters: Arc<dyn DeadLetterSink>,
+) -> Result<RunningService, StartError> {
+    let store = config.store.open()?;
+    let sink = Arc::new(KafkaOffsetSink::default());
+    let mut changelog: Option<Arc<dyn ChangelogSink>> = None;
+    let mut restorer = None;
+    if config.changelog.enabled {
+        changelog = Some(Arc::new(KafkaChangelog::new(config)?));
+        let reader = ChangelogRestorer::new(config).map_err(ChangelogSetupError::Kafka)?;
+        restorer = Some((reader, store.clone()));
+    }
+    let tree = start_actors(config, store, sink.clone(), dead_letters, changelog)?;
 
     let state = ApiState {
-        topology: topology.clone(),
-        metrics: metrics.clone(),
-        dedup: dedup.clone(),
+        topology: tree.topology.clone(),
+        metrics: tree.metrics.clone(),
+        dedup: tree.dedup.clone(),
         max_key_bytes: config.tuning.max_key_bytes,
     };
     let server = HttpServer::new(move || {
@@ -171,19 +220,20 @@ pub async fn start_with(
         }
     });
 
-    let consumer = ConsumerThread::start(config, pipeline, sink, Arbiter::current(), restorer)?;
+    let consumer =
+        ConsumerThread::start(config, tree.pipeline, sink, Arbiter::current(), restorer)?;
     tracing::info!(%http_addr, store = %config.store.path.display(), "aggregator started");
     Ok(RunningService {
         http_addr,
-        topology,
-        metrics,
+        topology: tree.topology,
+        metrics: tree.metrics,
         consumer,
         http,
-        dedup,
-        dedup_thread,
-        committer,
-        store_faults,
-        rule_faults,
+        dedup: tree.dedup,
+        dedup_thread: tree.dedup_thread,
+        committer: tree.committer,
+        store_faults: tree.store_faults,
+        rule_faults: tree.rule_faults,
         store_path: config.store.path.clone(),
         checkpoint_on_shutdown: config.store.checkpoint_on_shutdown,
     })

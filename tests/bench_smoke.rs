@@ -1,16 +1,14 @@
-//! The benchmark in its short mode: both workloads complete and every event is applied exactly
-//! once. No timing is asserted; figures come from `aggregator bench` runs, not from tests.
+//! The benchmark in its short modes, on the embedded broker and the actor pipeline alone: every
+//! workload completes and every event is applied exactly once. No timing is asserted; figures
+//! come from `aggregator bench` runs, not from tests.
 
 use aggregator::bench::{self, BenchOptions};
 use aggregator::config::Config;
+use aggregator::pipeline_bench;
 
-#[actix_rt::test]
-async fn short_benchmark_completes_and_applies_every_event() {
-    let mut config = Config::from_toml(include_str!("../config.toml")).unwrap();
-    // About 9,700 ids per partition; the producer runs at most `ahead` records ahead, which
-    // bounds how far apart a duplicate and its original are consumed to well within the window.
-    config.store.dedup_window = 8_000;
-    let options = BenchOptions {
+/// 20,000 events over 2,000 keys and 2 partitions per topic.
+fn short_options() -> BenchOptions {
+    BenchOptions {
         events: 20_000,
         keys: 2_000,
         partitions: 2,
@@ -20,7 +18,16 @@ async fn short_benchmark_completes_and_applies_every_event() {
         linger_ms: 5,
         ahead: 5_000,
         seed: 5,
-    };
+    }
+}
+
+#[actix_rt::test]
+async fn short_benchmark_completes_and_applies_every_event() {
+    let mut config = Config::from_toml(include_str!("../config.toml")).unwrap();
+    // About 9,700 ids per partition; the producer runs at most `ahead` records ahead, which
+    // bounds how far apart a duplicate and its original are consumed to well within the window.
+    config.store.dedup_window = 8_000;
+    let options = short_options();
     let report = bench::run(config, options).await.unwrap();
     assert!(report.verified, "{}", bench::render(&report));
     assert_eq!(report.baseline.events, 20_000);
@@ -42,4 +49,23 @@ async fn short_benchmark_completes_and_applies_every_event() {
         report.counts[2],
         "one marker per applied event"
     );
+}
+
+#[actix_rt::test]
+async fn pipeline_only_benchmark_completes_and_applies_every_record() {
+    let mut config = Config::from_toml(include_str!("../config.toml")).unwrap();
+    // Fewer live actors than keys, so that views are passivated and loaded again meanwhile.
+    config.tuning.max_live_entities = 500;
+    let options = short_options();
+    let report = pipeline_bench::run(config, options).await.unwrap();
+    let text = pipeline_bench::render(&report);
+    assert!(report.verified, "{text}");
+    let [fed, consumed, applied, dropped, duplicates_sent, dead_lettered] = report.counts;
+    assert_eq!((fed, consumed), (20_000, 20_000), "{text}");
+    assert!(duplicates_sent > 0, "the stream holds duplicates: {text}");
+    assert_eq!(dropped, duplicates_sent, "{text}");
+    assert_eq!(applied + dropped, fed, "{text}");
+    assert_eq!(dead_lettered, 0, "{text}");
+    assert_eq!(report.pipeline.events, 20_000);
+    assert!(report.ratio > 0.0, "{text}");
 }
