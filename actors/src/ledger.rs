@@ -48,7 +48,7 @@ pub struct Applied {
 #[derive(Clone, Default)]
 pub(crate) struct Staged {
     /// Message ids by partition (nested so that a lookup needs no owned key).
-    pub(crate) markers: HashMap<i32, HashSet<String, KeyHasher>>,
+    pub(crate) markers: HashMap<i32, HashSet<String, KeyHasher>, KeyHasher>,
     /// Views by key, with the message ids applied to each since its last write.
     pub(crate) views: HashMap<String, (Arc<Aggregate>, Vec<String>), KeyHasher>,
 }

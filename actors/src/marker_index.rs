@@ -145,7 +145,7 @@ pub(crate) struct MarkerIndex {
     seed: u64,
     /// Ids kept per partition.
     window: usize,
-    partitions: HashMap<i32, PartitionMarkers>,
+    partitions: HashMap<i32, PartitionMarkers, crate::KeyHasher>,
 }
 
 impl MarkerIndex {
@@ -154,7 +154,7 @@ impl MarkerIndex {
         MarkerIndex {
             seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
             window: usize::try_from(window.max(1)).unwrap_or(usize::MAX),
-            partitions: HashMap::new(),
+            partitions: HashMap::default(),
         }
     }
 

@@ -20,6 +20,7 @@ use crate::offset_tracker::OffsetTracker;
 use crate::partition_supervisor::rewind_all_partitions;
 use crate::record::{Origin, TopicPartition};
 use crate::topology::Topology;
+use crate::KeyHasher;
 
 /// Where commits go: the Kafka consumer in the service, memory in tests.
 pub trait OffsetSink: Send + Sync + 'static {
@@ -76,10 +77,10 @@ pub struct OffsetCommitter {
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
     interval: Duration,
-    waiters: HashMap<TopicPartition, Vec<oneshot::Sender<Option<i64>>>>,
+    waiters: HashMap<TopicPartition, Vec<oneshot::Sender<Option<i64>>>, KeyHasher>,
     /// Partitions whose bookkeeping a restart lost, until their supervisor is replaced: what
     /// their old supervisor still registers is ignored.
-    lost: HashSet<TopicPartition>,
+    lost: HashSet<TopicPartition, KeyHasher>,
     shut_down: bool,
 }
 
@@ -97,8 +98,8 @@ impl OffsetCommitter {
             topology,
             metrics,
             interval,
-            waiters: HashMap::new(),
-            lost: HashSet::new(),
+            waiters: HashMap::default(),
+            lost: HashSet::default(),
             shut_down: false,
         }
     }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::record::{Origin, TopicPartition};
+use crate::KeyHasher;
 
 #[derive(Default, Debug)]
 struct PartitionOffsets {
@@ -24,7 +25,7 @@ impl PartitionOffsets {
 /// In-flight offsets of every tracked partition.
 #[derive(Default, Debug)]
 pub struct OffsetTracker {
-    parts: HashMap<TopicPartition, PartitionOffsets>,
+    parts: HashMap<TopicPartition, PartitionOffsets, KeyHasher>,
 }
 
 impl OffsetTracker {

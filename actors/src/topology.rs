@@ -125,11 +125,11 @@ pub struct CommitterStats {
 #[derive(Default)]
 pub struct Topology {
     /// Assigned partitions.
-    pub partitions: DashMap<TopicPartition, Arc<PartitionStats>>,
+    pub partitions: DashMap<TopicPartition, Arc<PartitionStats>, crate::KeyHasher>,
     /// Live entity actors.
     pub entities: EntityRegistry,
     /// Live partition supervisors, told to replay an entity's records when it dies.
-    pub supervisors: DashMap<TopicPartition, actix::Addr<PartitionSupervisor>>,
+    pub supervisors: DashMap<TopicPartition, actix::Addr<PartitionSupervisor>, crate::KeyHasher>,
     /// Partitions whose supervisor died; the consumer rewinds and restarts them.
     pub dead_partitions: Mutex<Vec<TopicPartition>>,
     /// The dedup actor.
