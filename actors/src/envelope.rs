@@ -1,6 +1,9 @@
 //! Turns a raw record into an [`Event`] (the envelope of DESIGN §1), or into a [`Rejection`] that
 //! says why it cannot be processed and goes to the dead-letter topic.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -269,31 +272,33 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
     let message_id = match header_id {
         Some(id) => id,
         None => match meta.message_id {
-            Some(Value::String(id)) if !id.is_empty() => id,
+            Some(Field::Text(id)) if !id.is_empty() => id.into_owned(),
             _ => return Err(Rejection::MissingMessageId),
         },
     };
-    let code = match envelope.field("code") {
-        Some(Value::String(c)) if !c.is_empty() => Name::from(c),
+    let code = match envelope
+        .rest
+        .get("code")
+        .and_then(|raw| serde_json::from_str::<Field>(raw.get()).ok())
+    {
+        Some(Field::Text(c)) if !c.is_empty() => Name::new(&c),
         _ => return Err(Rejection::MissingCode),
     };
     let src = rules.source(source);
     match &meta.service_name {
         None => {}
-        Some(Value::String(name)) if *name == src.name => {}
+        Some(Field::Text(name)) if *name == src.name => {}
         Some(other) => {
             return Err(Rejection::ServiceMismatch {
                 expected: src.name.clone(),
-                found: other
-                    .as_str()
-                    .map_or_else(|| other.to_string(), str::to_string),
+                found: other.to_string(),
             })
         }
     }
-    let timestamp_ms = match meta.timestamp {
+    let timestamp_ms = match &meta.timestamp {
         None => record.timestamp_ms.unwrap_or(0),
-        Some(Value::String(ts)) => chrono::DateTime::parse_from_rfc3339(&ts)
-            .map_err(|_| Rejection::BadTimestamp(ts.clone()))?
+        Some(Field::Text(ts)) => chrono::DateTime::parse_from_rfc3339(ts)
+            .map_err(|_| Rejection::BadTimestamp(ts.to_string()))?
             .timestamp_millis(),
         Some(other) => return Err(Rejection::BadTimestamp(other.to_string())),
     };
@@ -326,10 +331,92 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
 /// text without building a map of all of them; only an object is metadata, and a later field of
 /// a name wins, as in a map.
 #[derive(Default)]
-struct Metadata {
-    message_id: Option<Value>,
-    service_name: Option<Value>,
-    timestamp: Option<Value>,
+struct Metadata<'a> {
+    message_id: Option<Field<'a>>,
+    service_name: Option<Field<'a>>,
+    timestamp: Option<Field<'a>>,
+}
+
+/// An envelope field the service reads as text: a string, borrowed from the envelope's text
+/// unless it has escapes, or any other JSON value, kept to be named in a rejection.
+#[derive(Debug, PartialEq)]
+enum Field<'a> {
+    Text(Cow<'a, str>),
+    Other(Value),
+}
+
+/// As a rejection names it: a string as it is, anything else as JSON.
+impl std::fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Text(text) => f.write_str(text),
+            Field::Other(value) => write!(f, "{value}"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Field<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for FieldVisitor {
+            type Value = Field<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_borrowed_str<E>(self, text: &'de str) -> Result<Field<'de>, E> {
+                Ok(Field::Text(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<Field<'de>, E> {
+                Ok(Field::Text(Cow::Owned(text.to_string())))
+            }
+
+            fn visit_string<E>(self, text: String) -> Result<Field<'de>, E> {
+                Ok(Field::Text(Cow::Owned(text)))
+            }
+
+            fn visit_bool<E>(self, v: bool) -> Result<Field<'de>, E> {
+                Ok(Field::Other(Value::Bool(v)))
+            }
+
+            fn visit_i64<E>(self, v: i64) -> Result<Field<'de>, E> {
+                Ok(Field::Other(Value::from(v)))
+            }
+
+            fn visit_u64<E>(self, v: u64) -> Result<Field<'de>, E> {
+                Ok(Field::Other(Value::from(v)))
+            }
+
+            fn visit_f64<E>(self, v: f64) -> Result<Field<'de>, E> {
+                Ok(Field::Other(Value::from(v)))
+            }
+
+            fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Other(Value::Null))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Field<'de>, A::Error> {
+                Value::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(Field::Other)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Field<'de>, A::Error> {
+                Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Field::Other)
+            }
+        }
+
+        deserializer.deserialize_any(FieldVisitor)
+    }
 }
 
 /// A metadata field's name: one the service reads, or another.
@@ -365,12 +452,12 @@ impl<'de> serde::Deserialize<'de> for MetadataKey {
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Metadata {
+impl<'de> serde::Deserialize<'de> for Metadata<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct MetadataVisitor;
 
         impl<'de> serde::de::Visitor<'de> for MetadataVisitor {
-            type Value = Metadata;
+            type Value = Metadata<'de>;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a metadata object")
@@ -379,7 +466,7 @@ impl<'de> serde::Deserialize<'de> for Metadata {
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> Result<Metadata, A::Error> {
+            ) -> Result<Metadata<'de>, A::Error> {
                 let mut meta = Metadata::default();
                 while let Some(key) = map.next_key::<MetadataKey>()? {
                     match key {
@@ -576,5 +663,52 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.reason(), "missing_key");
+    }
+
+    #[test]
+    fn fields_read_as_text_are_borrowed_unless_escaped_and_rejections_name_them() {
+        let field = |json: &'static str| serde_json::from_str::<Field>(json).unwrap();
+        assert!(matches!(field(r#""m1""#), Field::Text(Cow::Borrowed("m1"))));
+        assert!(matches!(field(r#""m\u0031""#), Field::Text(Cow::Owned(t)) if t == "m1"));
+        for (json, shown) in [
+            ("7", "7"),
+            ("true", "true"),
+            (r#"{"a":[1]}"#, r#"{"a":[1]}"#),
+        ] {
+            assert_eq!(field(json).to_string(), shown);
+        }
+        // Escaped text reads as what it means; other types are named as JSON in the rejection.
+        let value = br#"{"metadata":{"message_id":"m\u0031","service_name":"order\u002dservice"},
+            "code":"ORDER\u005fCREATED"}"#;
+        let event = parse(&record(Some(value), vec![]), &rules(None), &LIMITS).unwrap();
+        assert_eq!(
+            (event.message_id.as_str(), event.code.as_str()),
+            ("m1", "ORDER_CREATED")
+        );
+        let detail = |value: &[u8]| {
+            parse(&record(Some(value), vec![]), &rules(None), &LIMITS)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            detail(br#"{"metadata":{"message_id":"m","service_name":{"a":1}},"code":"X"}"#),
+            r#"metadata.service_name is "{\"a\":1}" but topic's source is "order-service""#
+        );
+        assert_eq!(
+            detail(br#"{"metadata":{"message_id":"m","service_name":"shop"},"code":"X"}"#),
+            r#"metadata.service_name is "shop" but topic's source is "order-service""#
+        );
+        assert_eq!(
+            detail(br#"{"metadata":{"message_id":"m","timestamp":[1]},"code":"X"}"#),
+            r#"metadata.timestamp "[1]" is not an RFC 3339 time"#
+        );
+        assert_eq!(
+            detail(br#"{"metadata":{"message_id":"m","timestamp":"soon"},"code":"X"}"#),
+            r#"metadata.timestamp "soon" is not an RFC 3339 time"#
+        );
+        assert_eq!(
+            detail(br#"{"metadata":{"message_id":"m"},"code":7}"#),
+            "envelope has no code"
+        );
     }
 }
