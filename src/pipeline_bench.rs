@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use aggregator_actors::changelog::{ChangelogRecord, ChangelogSink, SendFuture};
 use aggregator_actors::dead_letter::{DeadLetter, DeadLetterSink, PublishFuture};
+use aggregator_actors::dedup_actor::Release;
 use aggregator_actors::envelope::parse;
 use aggregator_actors::offset_committer::OffsetSink;
 use aggregator_actors::partition_supervisor::{deliver, PartitionSupervisor};
@@ -284,7 +285,10 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Pi
         && applied + dropped == options.events
         && dropped == records.duplicates
         && dead_lettered == 0;
+    // The store is flushed and closed before its directory goes.
+    let released = tree.dedup.send(Release).await;
     tree.dedup_thread.stop();
+    drop(released.context("the dedup actor stopped")??);
     Ok(PipelineReport {
         events: options.events,
         keys: options.keys,
