@@ -58,11 +58,6 @@ impl Envelope {
         })
     }
 
-    /// The top-level field `name`, decoded.
-    pub fn field(&self, name: &str) -> Option<Value> {
-        self.rest.get(name).map(|raw| decode(raw))
-    }
-
     /// The value at JSON pointer `pointer` (RFC 6901) within the envelope, decoded; only the
     /// field the pointer enters is decoded.
     pub fn pointer(&self, pointer: &str) -> Option<Value> {
