@@ -61,7 +61,7 @@ impl KafkaChangelog {
 fn check_topic(config: &Config) -> Result<(), ChangelogSetupError> {
     let client: BaseConsumer = config
         .kafka
-        .client(&[("allow.auto.create.topics", "false")])
+        .consumer_client(&[("allow.auto.create.topics", "false")])
         .create()?;
     let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
     let partitions = |name: &str| {

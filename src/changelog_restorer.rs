@@ -54,7 +54,7 @@ impl ChangelogRestorer {
     /// A reader of the configured changelog topic (assigned partitions only, no group).
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
         let group = format!("{}-changelog-restore", config.kafka.group_id);
-        let client = config.kafka.client(&[
+        let client = config.kafka.consumer_client(&[
             ("group.id", &group),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),

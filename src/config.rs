@@ -110,6 +110,10 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u64,
     /// Extra librdkafka properties for the consumer and producer (for example `security.protocol`).
     pub properties: BTreeMap<String, String>,
+    /// Extra librdkafka properties for the consumers only (for example `heartbeat.interval.ms`
+    /// or `fetch.min.bytes`), which the producers would otherwise log as ignored; they win over
+    /// `properties`.
+    pub consumer_properties: BTreeMap<String, String>,
 }
 
 impl Default for KafkaConfig {
@@ -121,6 +125,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: defaults::DEAD_LETTER_TOPIC.into(),
             session_timeout_ms: defaults::SESSION_TIMEOUT_MS,
             properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
         }
     }
 }
@@ -135,6 +140,15 @@ impl KafkaConfig {
             client.set(*k, *v);
         }
         for (k, v) in &self.properties {
+            client.set(k, v);
+        }
+        client
+    }
+
+    /// As [`KafkaConfig::client`], for a consumer: the user's `consumer_properties` apply last.
+    pub fn consumer_client(&self, settings: &[(&str, &str)]) -> rdkafka::config::ClientConfig {
+        let mut client = self.client(settings);
+        for (k, v) in &self.consumer_properties {
             client.set(k, v);
         }
         client
@@ -540,6 +554,21 @@ mod tests {
             assert_ne!(plain.tuning.max_live_entities, 1234);
             Ok(())
         });
+    }
+
+    #[test]
+    fn consumer_properties_reach_the_consumers_only_and_win() {
+        let mut kafka = KafkaConfig::default();
+        kafka.properties.insert("client.id".into(), "both".into());
+        kafka
+            .consumer_properties
+            .insert("heartbeat.interval.ms".into(), "300".into());
+        let producer = kafka.client(&[]);
+        let consumer = kafka.consumer_client(&[("heartbeat.interval.ms", "900")]);
+        assert_eq!(producer.get("heartbeat.interval.ms"), None);
+        assert_eq!(producer.get("client.id"), Some("both"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("300"));
+        assert_eq!(consumer.get("client.id"), Some("both"));
     }
 
     #[test]

@@ -429,7 +429,7 @@ impl ConsumerThread {
             ("partition.assignment.strategy", "range"),
         ];
         settings.extend(FETCH_SETTINGS);
-        let client = config.kafka.client(&settings);
+        let client = config.kafka.consumer_client(&settings);
         let consumer: Arc<AggregatorConsumer> = Arc::new(client.create_with_context(context)?);
         let topics = pipeline.rules.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

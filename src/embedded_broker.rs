@@ -62,7 +62,7 @@ impl EmbeddedBroker {
         config.kafka.session_timeout_ms = 3_000;
         config
             .kafka
-            .properties
+            .consumer_properties
             .insert("heartbeat.interval.ms".into(), "300".into());
     }
 
