@@ -396,7 +396,6 @@ fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
-        .mode(sled::Mode::HighThroughput)
         // The dedup actor flushes after every batch; a timer-driven flush would only add I/O.
         .flush_every_ms(None)
         .open()
