@@ -164,7 +164,10 @@ pub struct StoreConfig {
     /// Milliseconds between group commits: staged events are written in one atomic batch and
     /// flushed, and only then may their offsets be committed.
     pub flush_interval_ms: u64,
-    /// Memory the store may use to cache pages, in MiB.
+    /// sled's page cache, in MiB of stored bytes. Size it to hold the store's live data (about
+    /// the encoded views plus the dedup window's markers): below that, sled pages nodes out and
+    /// keeps what it paged out, so its memory grows instead of shrinking and its writes slow
+    /// (100,000 views of 900 bytes: 200 MiB peak at 256, 6.1 GiB at 64; docs/benchmarks.md).
     pub cache_mib: u64,
     /// Message ids remembered per partition for duplicate detection; the oldest are forgotten
     /// beyond this, so a duplicate that arrives after this many newer ids of its partition is

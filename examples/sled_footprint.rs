@@ -1,0 +1,109 @@
+//! sled's own memory and write rate for a store shaped like the service's: views under random
+//! entity keys, written in one atomic batch per flush and flushed, with the service's allocator.
+//! It measures the floor the store sets under the service's peak RSS, whatever the service does.
+//!
+//! `cargo run --release --example sled_footprint -- --keys 1000000 --writes 2000000 --value-bytes 400 --cache-mib 256`
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Writes views of one size under random keys in batches, then prints peak RSS and writes/s.
+#[derive(Parser)]
+struct Options {
+    /// Distinct keys (entities).
+    #[arg(long, default_value_t = 1_000_000)]
+    keys: u64,
+    /// Views written in all (each to a key drawn uniformly).
+    #[arg(long, default_value_t = 2_000_000)]
+    writes: u64,
+    /// Bytes per view.
+    #[arg(long, default_value_t = 400)]
+    value_bytes: usize,
+    /// sled's `cache_capacity`, in MiB (the service's `store.cache_mib`).
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
+    /// Views per atomic batch (one group commit).
+    #[arg(long, default_value_t = 2_000)]
+    batch: u64,
+    /// Directory of the store; a temporary one when unset.
+    #[arg(long)]
+    path: Option<PathBuf>,
+}
+
+/// This process's peak resident set, in MiB.
+fn peak_rss_mib() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM has no value")?
+        .parse()
+        .with_context(|| format!("VmHWM is not a number: {line}"))?;
+    Ok(kib / 1024)
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = Options::parse();
+    anyhow::ensure!(
+        o.keys > 0 && o.batch > 0,
+        "--keys and --batch must be above 0"
+    );
+    let temp = tempfile::tempdir().context("creating a temporary directory")?;
+    let path = o.path.clone().unwrap_or_else(|| temp.path().join("store"));
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(o.cache_mib * 1024 * 1024)
+        .flush_every_ms(None)
+        .open()
+        .with_context(|| format!("opening {}", path.display()))?;
+    let value = vec![7u8; o.value_bytes];
+    // xorshift64: uniform keys without a dependency's state in the measured process.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let started = Instant::now();
+    let mut written = 0;
+    let report_every = (o.writes / 10).max(1);
+    while written < o.writes {
+        let mut batch = sled::Batch::default();
+        for _ in 0..o.batch.min(o.writes - written) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            batch.insert(
+                format!("v/customer-{:08}", x % o.keys).as_bytes(),
+                value.as_slice(),
+            );
+            written += 1;
+            if written % report_every == 0 {
+                eprintln!(
+                    "{written} written, peak RSS {} MiB, {:.1} s",
+                    peak_rss_mib()?,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        db.apply_batch(batch).context("writing a batch")?;
+        db.flush().context("flushing")?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "keys {} | writes {} | value {} bytes | cache {} MiB: peak RSS {} MiB, {:.0} writes/s",
+        o.keys,
+        o.writes,
+        o.value_bytes,
+        o.cache_mib,
+        peak_rss_mib()?,
+        o.writes as f64 / seconds
+    );
+    Ok(())
+}
