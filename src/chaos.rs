@@ -194,7 +194,7 @@ impl Chaos {
             return None;
         }
         let (key, _) = &busy[self.rng.random_range(0..busy.len())];
-        self.topology.entities.get(key).map(|h| h.addr)
+        self.topology.entities.get(key).map(|h| h.addr.clone())
     }
 
     fn busy_supervisor(&mut self) -> Option<Addr<PartitionSupervisor>> {

@@ -9,9 +9,12 @@ use dashmap::DashMap;
 
 use crate::entity_actor::{EntityActor, Passivate};
 
+/// A live entity actor, shared: routing an event to it copies no address (an actix address
+/// allocates twice when cloned).
+pub type EntityHandle = Arc<LiveEntity>;
+
 /// A live entity actor and its mailbox depth (events sent and not yet fully applied).
-#[derive(Clone)]
-pub struct EntityHandle {
+pub struct LiveEntity {
     /// The actor's address.
     pub addr: Addr<EntityActor>,
     /// Events sent to it whose fold has not finished (applied and staged, dropped as a
@@ -20,7 +23,7 @@ pub struct EntityHandle {
     /// Distinguishes this actor from earlier ones of the same key.
     pub incarnation: u64,
     /// When it was last sent an event, on the registry's clock.
-    pub last_sent: Arc<AtomicU64>,
+    pub last_sent: AtomicU64,
 }
 
 /// Entity actors by key.
@@ -175,12 +178,12 @@ mod tests {
     /// is sent is dropped).
     fn handle(depth: usize) -> EntityHandle {
         let (tx, _rx) = actix::dev::channel::channel::<EntityActor>(16);
-        EntityHandle {
+        Arc::new(LiveEntity {
             addr: Addr::new(tx),
             mailbox: Arc::new(AtomicUsize::new(depth)),
             incarnation: 0,
-            last_sent: Arc::default(),
-        }
+            last_sent: AtomicU64::default(),
+        })
     }
 
     #[test]

@@ -5,13 +5,13 @@
 //! key gets them again, in offset order, before anything newer. On revocation it drains and stops.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
 
 use crate::entity_actor::{Apply, EntityActor};
-use crate::entity_registry::EntityHandle;
+use crate::entity_registry::{EntityHandle, LiveEntity};
 use crate::envelope::{parse, Event, Rejection};
 use crate::kill::{injected_panic, Kill};
 use crate::offset_committer::{DrainPartition, Register};
@@ -202,12 +202,12 @@ impl PartitionSupervisor {
                     p.clone(),
                     mailbox.clone(),
                 );
-                let handle = EntityHandle {
+                let handle = Arc::new(LiveEntity {
                     addr: actor.start(),
                     mailbox,
                     incarnation,
-                    last_sent: Arc::default(),
-                };
+                    last_sent: AtomicU64::default(),
+                });
                 registry.insert(key.to_string(), handle.clone());
                 handle
             }
