@@ -235,8 +235,31 @@ pub(crate) mod figures_as_text {
         serializer.collect_seq(
             figures
                 .iter()
-                .map(|(name, figure)| (name.as_str(), figure.json_text())),
+                .map(|(name, figure)| (name.as_str(), FigureText(figure))),
         )
+    }
+
+    thread_local! {
+        /// The JSON text of the decoded figure being written: every view written changes one
+        /// figure or more, and a string for each would be allocated and dropped again.
+        static TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// A figure written as its JSON text.
+    struct FigureText<'a>(&'a Figure);
+
+    impl Serialize for FigureText<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::Error;
+            match self.0 {
+                Figure::Stored(raw) => serializer.serialize_str(raw.get()),
+                Figure::Value(value) => TEXT.with_borrow_mut(|text| {
+                    text.clear();
+                    serde_json::to_writer(&mut *text, value).map_err(S::Error::custom)?;
+                    serializer.serialize_str(std::str::from_utf8(text).map_err(S::Error::custom)?)
+                }),
+            }
+        }
     }
 
     /// Reads what [`serialize`] wrote.
