@@ -80,21 +80,25 @@ pub fn rewind_all_partitions(topology: &Topology) {
 #[rtype(result = "Option<i64>")]
 pub struct Drain;
 
-/// Routed records not yet passed by the committer, by key, in offset order.
+/// A key's unfinished records, in offset order.
+type KeyRecords = VecDeque<(i64, Arc<Record>)>;
+
+/// Routed records not yet passed by the committer, by key, in offset order. The three
+/// structures share one copy of each record's key.
 #[derive(Default)]
 struct Unfinished {
-    order: VecDeque<(i64, String)>,
-    by_key: HashMap<String, VecDeque<(i64, Arc<Record>)>, KeyHasher>,
+    order: VecDeque<(i64, Arc<str>)>,
+    by_key: HashMap<Arc<str>, KeyRecords, KeyHasher>,
     /// Per key, the entity actor incarnation that has been sent every unfinished record.
-    sent_to: HashMap<String, u64, KeyHasher>,
+    sent_to: HashMap<Arc<str>, u64, KeyHasher>,
 }
 
 impl Unfinished {
-    fn push(&mut self, key: &str, record: Arc<Record>) {
+    fn push(&mut self, key: Arc<str>, record: Arc<Record>) {
         let offset = record.origin.offset;
-        self.order.push_back((offset, key.to_string()));
+        self.order.push_back((offset, key.clone()));
         self.by_key
-            .entry(key.to_string())
+            .entry(key)
             .or_default()
             .push_back((offset, record));
     }
@@ -223,7 +227,7 @@ impl PartitionSupervisor {
     /// Makes sure the live actor of `key` has been sent every unfinished record of the key
     /// before `before` (all of them when `None`): a new actor is sent again those an earlier
     /// actor was sent and did not finish (it died with them in its mailbox).
-    fn catch_up(&mut self, key: &str, before: Option<i64>) -> EntityHandle {
+    fn catch_up(&mut self, key: &Arc<str>, before: Option<i64>) -> EntityHandle {
         let handle = self.entity(key);
         let current = self.unfinished.sent_to.get(key).copied();
         if current != Some(handle.incarnation) {
@@ -239,16 +243,16 @@ impl PartitionSupervisor {
             }
             self.unfinished
                 .sent_to
-                .insert(key.to_string(), handle.incarnation);
+                .insert(key.clone(), handle.incarnation);
         }
         handle
     }
 
     fn route(&mut self, event: Event, record: Record) {
         let record = Arc::new(record);
-        let key = event.key.clone();
+        let key: Arc<str> = Arc::from(event.key.as_str());
         let offset = record.origin.offset;
-        self.unfinished.push(&key, record.clone());
+        self.unfinished.push(key.clone(), record.clone());
         let handle = self.catch_up(&key, Some(offset));
         self.send(&handle, event, record);
     }
@@ -339,8 +343,9 @@ impl Handler<ReplayEntity> for PartitionSupervisor {
         }
         self.unfinished
             .prune(self.stats.committable.load(Ordering::Relaxed));
-        if self.unfinished.by_key.contains_key(&msg.key) {
-            self.catch_up(&msg.key, None);
+        if let Some((key, _)) = self.unfinished.by_key.get_key_value(msg.key.as_str()) {
+            let key = key.clone();
+            self.catch_up(&key, None);
         }
     }
 }
@@ -397,7 +402,7 @@ mod tests {
     fn unfinished_records_are_kept_per_key_in_order_until_the_committer_passes_them() {
         let mut u = Unfinished::default();
         for (offset, key) in [(0, "a"), (1, "b"), (2, "a"), (3, "a")] {
-            u.push(key, record(offset));
+            u.push(key.into(), record(offset));
         }
         u.sent_to.insert("b".into(), 1);
         let offsets = |u: &Unfinished, k: &str| -> Vec<i64> {
@@ -427,7 +432,7 @@ mod tests {
         // records of the supervisor before it still says 3.
         let mut u = Unfinished::default();
         for (offset, key) in [(0, "a"), (1, "b"), (2, "a")] {
-            u.push(key, record(offset));
+            u.push(key.into(), record(offset));
         }
         u.by_key["a"][0].1.finished.set();
         u.prune(3);
@@ -451,9 +456,9 @@ mod tests {
     fn only_records_no_actor_finished_are_replayed_in_order() {
         let mut u = Unfinished::default();
         for offset in 0..5 {
-            u.push("a", record(offset));
+            u.push("a".into(), record(offset));
         }
-        u.push("b", record(5));
+        u.push("b".into(), record(5));
         let offsets = |records: Vec<Arc<Record>>| -> Vec<i64> {
             records.iter().map(|r| r.origin.offset).collect()
         };
