@@ -226,13 +226,17 @@ impl Handler<Completed> for OffsetCommitter {
                 if let Some(p) = self.topology.partitions.get(&origin.tp) {
                     p.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
-                if touched.last() != Some(&origin.tp) {
-                    touched.push(origin.tp.clone());
+                // A write's records come by entity, their partitions interleaved; a write
+                // touches a few dozen partitions at most, so a scan beats sorting its records'.
+                let tp = &origin.tp;
+                if !touched
+                    .iter()
+                    .any(|t| t.partition == tp.partition && t.topic == tp.topic)
+                {
+                    touched.push(tp.clone());
                 }
             }
         }
-        touched.sort();
-        touched.dedup();
         for tp in &touched {
             self.publish_committable(tp);
             self.answer_drained(tp);
