@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpServer};
@@ -165,6 +166,7 @@ pub fn start_actors(
         rule_retry_backoff: Config::ms(config.tuning.rule_retry_backoff_ms),
         rule_faults: rule_faults.clone(),
     });
+    spawn_idle_sweep(&topology, pipeline.entity_idle);
     Ok(ActorTree {
         pipeline,
         topology,
@@ -175,6 +177,24 @@ pub fn start_actors(
         store_faults,
         rule_faults,
     })
+}
+
+/// Passivates idle entity actors every half of `idle`, on the actors' thread (where events are
+/// routed, so no actor is sent an event while the sweep decides): one timer for all of them. It
+/// ends with the actor tree.
+fn spawn_idle_sweep(topology: &Arc<Topology>, idle: Duration) {
+    let topology = Arc::downgrade(topology);
+    let every = (idle / 2).max(Duration::from_millis(10));
+    actix::spawn(async move {
+        let mut ticks = actix::clock::interval(every);
+        loop {
+            ticks.tick().await;
+            let Some(topology) = topology.upgrade() else {
+                return;
+            };
+            topology.entities.sweep_idle(Instant::now(), idle);
+        }
+    });
 }
 
 /// Starts the service with `dead_letters` as the dead-letter sink.

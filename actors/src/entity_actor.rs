@@ -1,6 +1,7 @@
 //! The entity actor: one per entity key. Its mailbox is the ordering guarantee: it applies its
 //! events one at a time, checking each against the dedup actor's ledger and staging the view it
-//! produced there, and passivates when idle.
+//! produced there. It stops when the entity registry passivates it: idle for
+//! `tuning.entity_idle_ms`, or idle longest when the live actors reach their bound.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,7 +47,6 @@ pub struct EntityActor {
     view: Option<Arc<Aggregate>>,
     pipeline: Arc<Pipeline>,
     mailbox: Arc<AtomicUsize>,
-    last_active: Instant,
     /// Set when the actor dies with work possibly lost, so that its records are replayed.
     died: bool,
 }
@@ -67,7 +67,6 @@ impl EntityActor {
             view: None,
             pipeline,
             mailbox,
-            last_active: Instant::now(),
             died: false,
         }
     }
@@ -104,7 +103,6 @@ impl EntityActor {
     }
 
     fn applied(&mut self, apply: Apply, seen: bool, ctx: &mut Context<Self>) {
-        self.last_active = Instant::now();
         if seen {
             let source = apply.event.source;
             self.pipeline.metrics.source(source).duplicates.inc();
@@ -215,19 +213,6 @@ impl EntityActor {
             None => ctx.stop(),
         }));
     }
-
-    fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
-        let idle = self.mailbox.load(Ordering::Relaxed) == 0
-            && self.last_active.elapsed() >= self.pipeline.entity_idle;
-        if idle {
-            // Leave the registry first: every send happens on this thread, so none can arrive now.
-            self.pipeline
-                .topology
-                .entities
-                .remove(&self.key, &ctx.address());
-            ctx.stop();
-        }
-    }
 }
 
 impl Actor for EntityActor {
@@ -241,8 +226,6 @@ impl Actor for EntityActor {
         } else {
             self.load(ctx);
         }
-        let tick = (self.pipeline.entity_idle / 2).max(Duration::from_millis(10));
-        ctx.run_interval(tick, Self::passivate_if_idle);
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {

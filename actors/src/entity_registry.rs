@@ -1,8 +1,10 @@
 //! The live entity actors by key, shared by the partition supervisors that route to them and by
 //! the HTTP API that reports their mailboxes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use dashmap::DashMap;
@@ -35,6 +37,9 @@ pub struct EntityRegistry {
     clock: AtomicU64,
     /// Live actors at which the bound is next enforced.
     next_scan: AtomicUsize,
+    /// Readings of `clock` taken by the idle sweeps, oldest first: an actor last sent an event
+    /// before a reading taken `idle` ago has been idle that long.
+    idle_marks: Mutex<VecDeque<(Instant, u64)>>,
 }
 
 impl EntityRegistry {
@@ -69,6 +74,11 @@ impl EntityRegistry {
         if let Some((_, h)) = self.actors.remove(key) {
             h.addr.do_send(Passivate);
         }
+    }
+
+    /// The registry's clock now, without counting an event: what a new actor is stamped with.
+    pub fn clock(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
     }
 
     /// Counts an event sent to `handle`, for the least-recently-used order.
@@ -121,6 +131,41 @@ impl EntityRegistry {
             }
             !stop
         });
+    }
+
+    /// Passivates the actors sent no event for `idle` or longer, with nothing unfinished; called
+    /// every `idle / 2` (one sweep for all actors, rather than a timer each), so an actor goes
+    /// between `idle` and half as long again after its last event. Returns how many it stopped.
+    pub fn sweep_idle(&self, now: Instant, idle: Duration) -> usize {
+        let cutoff = {
+            let mut marks = self
+                .idle_marks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            marks.push_back((now, self.clock()));
+            let mut cutoff = None;
+            while let Some(&(at, reading)) = marks.front() {
+                if now.saturating_duration_since(at) < idle {
+                    break;
+                }
+                cutoff = Some(reading);
+                marks.pop_front();
+            }
+            cutoff
+        };
+        let Some(cutoff) = cutoff else {
+            return 0;
+        };
+        let before = self.actors.len();
+        self.actors.retain(|_, h| {
+            let stop = h.mailbox.load(Ordering::Relaxed) == 0
+                && h.last_sent.load(Ordering::Relaxed) < cutoff;
+            if stop {
+                h.addr.do_send(Passivate);
+            }
+            !stop
+        });
+        before.saturating_sub(self.actors.len())
     }
 
     /// Registers the actor of `key`.
@@ -184,6 +229,39 @@ mod tests {
             incarnation: 0,
             last_sent: AtomicU64::default(),
         })
+    }
+
+    #[test]
+    fn the_idle_sweep_passivates_actors_sent_nothing_for_the_idle_time() {
+        let registry = EntityRegistry::default();
+        let idle = Duration::from_secs(30);
+        let start = Instant::now();
+        for (key, depth) in [("old", 0), ("busy", 1), ("recent", 0)] {
+            let h = handle(depth);
+            registry.touch(&h);
+            registry.insert(key.into(), h);
+        }
+        assert_eq!(
+            registry.sweep_idle(start, idle),
+            0,
+            "no reading is old enough yet"
+        );
+        registry.touch(&registry.get("recent").expect("registered"));
+        assert_eq!(registry.sweep_idle(start + idle / 2, idle), 0);
+        assert_eq!(registry.sweep_idle(start + idle, idle), 1);
+        let mut live: Vec<String> = registry.actors.iter().map(|h| h.key().clone()).collect();
+        live.sort();
+        assert_eq!(
+            live,
+            ["busy", "recent"],
+            "old was sent nothing since the first sweep, busy has work pending"
+        );
+        assert_eq!(
+            registry.sweep_idle(start + idle * 2, idle),
+            1,
+            "recent's turn"
+        );
+        assert_eq!(registry.len(), 1);
     }
 
     #[test]

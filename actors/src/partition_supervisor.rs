@@ -210,7 +210,8 @@ impl PartitionSupervisor {
                     addr: actor.start(),
                     mailbox,
                     incarnation,
-                    last_sent: AtomicU64::default(),
+                    // Not idle since before it started, were it sent nothing (a replay of none).
+                    last_sent: AtomicU64::new(registry.clock()),
                 });
                 registry.insert(key.to_string(), handle.clone());
                 handle
