@@ -123,14 +123,22 @@ impl EntityRegistry {
             return;
         }
         let (_, &mut cutoff, _) = clocks.select_nth_unstable(n - 1);
+        self.passivate_idle_sent_before(cutoff.saturating_add(1));
+    }
+
+    /// Passivates the actors with nothing unfinished last sent an event before `clock`; returns
+    /// how many.
+    fn passivate_idle_sent_before(&self, clock: u64) -> usize {
+        let before = self.actors.len();
         self.actors.retain(|_, h| {
             let stop = h.mailbox.load(Ordering::Relaxed) == 0
-                && h.last_sent.load(Ordering::Relaxed) <= cutoff;
+                && h.last_sent.load(Ordering::Relaxed) < clock;
             if stop {
                 h.addr.do_send(Passivate);
             }
             !stop
         });
+        before.saturating_sub(self.actors.len())
     }
 
     /// Passivates the actors sent no event for `idle` or longer, with nothing unfinished; called
@@ -153,19 +161,7 @@ impl EntityRegistry {
             }
             cutoff
         };
-        let Some(cutoff) = cutoff else {
-            return 0;
-        };
-        let before = self.actors.len();
-        self.actors.retain(|_, h| {
-            let stop = h.mailbox.load(Ordering::Relaxed) == 0
-                && h.last_sent.load(Ordering::Relaxed) < cutoff;
-            if stop {
-                h.addr.do_send(Passivate);
-            }
-            !stop
-        });
-        before.saturating_sub(self.actors.len())
+        cutoff.map_or(0, |cutoff| self.passivate_idle_sent_before(cutoff))
     }
 
     /// Registers the actor of `key`.
