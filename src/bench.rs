@@ -404,10 +404,14 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let (produced, duplicates) = feeder.join()?;
     let (consumed, applied, dropped) = running.metrics.totals();
     let dead_lettered = running.metrics.dead_lettered_total();
-    let verified = consumed == produced
-        && applied + dropped + dead_lettered == produced
-        && dropped == duplicates
-        && dead_lettered == 0;
+    let counts = [
+        produced,
+        consumed,
+        applied,
+        dropped,
+        duplicates,
+        dead_lettered,
+    ];
     let store_bytes = running.topology.dedup.store_bytes.load(Ordering::Relaxed);
     let markers_expired = running.topology.snapshot(0).dedup.markers_expired;
     running.shutdown().await?;
@@ -451,15 +455,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         restart_ready_ms,
         recovery_serving_ms,
         recovery_ready_ms,
-        verified,
-        counts: [
-            produced,
-            consumed,
-            applied,
-            dropped,
-            duplicates,
-            dead_lettered,
-        ],
+        verified: exactly_once(&counts),
+        counts,
     })
 }
 
@@ -524,6 +521,17 @@ pub(crate) fn workload_line(w: &Workload, unit: &str) -> String {
     )
 }
 
+/// The exactly-once check over `c` = [put in, consumed, applied, dropped as duplicates,
+/// duplicates sent, dead-lettered]: every record consumed, each applied or dropped, the dropped
+/// exactly the duplicates sent, none dead-lettered (the generated stream has no bad record).
+pub(crate) fn exactly_once(c: &[u64; 6]) -> bool {
+    let [put_in, consumed, applied, dropped, duplicates, dead_lettered] = *c;
+    consumed == put_in
+        && applied + dropped + dead_lettered == put_in
+        && dropped == duplicates
+        && dead_lettered == 0
+}
+
 /// What an exactly-once check compared, `first` naming the records put in (produced or fed).
 pub(crate) fn counts_text(first: &str, c: &[u64; 6]) -> String {
     format!(
@@ -535,6 +543,17 @@ pub(crate) fn counts_text(first: &str, c: &[u64; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exactly_once_holds_only_when_every_record_is_applied_or_dropped_as_sent() {
+        assert!(exactly_once(&[100, 100, 97, 3, 3, 0]));
+        assert!(!exactly_once(&[100, 99, 97, 2, 3, 0]), "one not consumed");
+        assert!(
+            !exactly_once(&[100, 100, 98, 2, 3, 0]),
+            "a duplicate applied"
+        );
+        assert!(!exactly_once(&[100, 100, 96, 3, 3, 1]), "one dead-lettered");
+    }
 
     #[test]
     fn process_cpu_time_grows_while_a_thread_spins() {

@@ -24,7 +24,9 @@ use aggregator_actors::offset_committer::OffsetSink;
 use aggregator_actors::partition_supervisor::{deliver, PartitionSupervisor};
 use aggregator_actors::record::{Origin, Record, TopicPartition};
 
-use crate::bench::{counts_text, process_cpu_seconds, workload_line, BenchOptions, Workload};
+use crate::bench::{
+    counts_text, exactly_once, process_cpu_seconds, workload_line, BenchOptions, Workload,
+};
 use crate::config::Config;
 use crate::generator::Kind;
 use crate::service;
@@ -281,10 +283,14 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Pi
         .map_err(|_| anyhow::anyhow!("the feeder thread panicked"))?;
     let (consumed, applied, dropped) = tree.metrics.totals();
     let dead_lettered = tree.metrics.dead_lettered_total();
-    let verified = consumed == options.events
-        && applied + dropped == options.events
-        && dropped == records.duplicates
-        && dead_lettered == 0;
+    let counts = [
+        options.events,
+        consumed,
+        applied,
+        dropped,
+        records.duplicates,
+        dead_lettered,
+    ];
     // The store is flushed and closed before its directory goes.
     let released = tree.dedup.send(Release).await;
     tree.dedup_thread.stop();
@@ -296,15 +302,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Pi
         ratio: pipelined.events_per_sec / parsed.events_per_sec.max(1e-9),
         parse: parsed,
         pipeline: pipelined,
-        verified,
-        counts: [
-            options.events,
-            consumed,
-            applied,
-            dropped,
-            records.duplicates,
-            dead_lettered,
-        ],
+        verified: exactly_once(&counts),
+        counts,
     })
 }
 
