@@ -36,23 +36,6 @@ struct Options {
     path: Option<PathBuf>,
 }
 
-/// This process's peak resident set, in MiB.
-fn peak_rss_mib() -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM in /proc/self/status")?;
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("VmHWM has no value")?
-        .parse()
-        .with_context(|| format!("VmHWM is not a number: {line}"))?;
-    Ok(kib / 1024)
-}
-
 fn main() -> anyhow::Result<()> {
     let o = Options::parse();
     anyhow::ensure!(
@@ -87,7 +70,7 @@ fn main() -> anyhow::Result<()> {
             if written % report_every == 0 {
                 eprintln!(
                     "{written} written, peak RSS {} MiB, {:.1} s",
-                    peak_rss_mib()?,
+                    aggregator::bench::peak_rss_kib() / 1024,
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -102,7 +85,7 @@ fn main() -> anyhow::Result<()> {
         o.writes,
         o.value_bytes,
         o.cache_mib,
-        peak_rss_mib()?,
+        aggregator::bench::peak_rss_kib() / 1024,
         o.writes as f64 / seconds
     );
     Ok(())

@@ -301,8 +301,8 @@ fn baseline(
     Ok((Workload::new(parsed, seconds, cpu_seconds), latency.take()))
 }
 
-/// Peak resident set of this process in KiB, from /proc.
-fn peak_rss_kib() -> u64 {
+/// Peak resident set of this process in KiB, from /proc (0 where it is unreadable).
+pub fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
