@@ -273,28 +273,38 @@ fn main() -> anyhow::Result<()> {
             };
             if pipeline_only {
                 let report = actix::System::new().block_on(pipeline_bench::run(config, options))?;
-                println!("{}", pipeline_bench::render(&report));
-                if let Some(path) = &json {
-                    write_json(&report, path)?;
-                }
-                if !report.verified {
-                    anyhow::bail!(
-                        "not every record was applied exactly once: the figures are void"
-                    );
-                }
-                return Ok(());
+                let text = pipeline_bench::render(&report);
+                return publish_report(&text, &report, report.verified, "record", json.as_deref());
             }
             let report = actix::System::new().block_on(bench::run(config, options))?;
-            println!("{}", bench::render(&report));
-            if let Some(path) = &json {
-                write_json(&report, path)?;
-            }
-            if !report.verified {
-                anyhow::bail!("not every event was applied exactly once: the figures are void");
-            }
-            Ok(())
+            publish_report(
+                &bench::render(&report),
+                &report,
+                report.verified,
+                "event",
+                json.as_deref(),
+            )
         }
     }
+}
+
+/// Prints a bench report, writes it as JSON to `json` if asked, and fails unless every `unit`
+/// was applied exactly once (the figures of such a run are void).
+fn publish_report(
+    text: &str,
+    report: &impl serde::Serialize,
+    verified: bool,
+    unit: &str,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    println!("{text}");
+    if let Some(path) = json {
+        write_json(report, path)?;
+    }
+    if !verified {
+        anyhow::bail!("not every {unit} was applied exactly once: the figures are void");
+    }
+    Ok(())
 }
 
 /// Writes a report as pretty JSON to `path`.
