@@ -150,7 +150,19 @@ impl Aggregate {
         }
         self.events_applied += 1;
         self.updated_at_ms = self.updated_at_ms.max(event.timestamp_ms);
+        self.settle();
         Ok(())
+    }
+
+    /// Puts the parts an event decoded back in their stored form (see [`Section::settle`] and
+    /// [`Figure::settle`]): a view at rest is about its stored size in memory.
+    pub fn settle(&mut self) {
+        for (_, section) in self.sources.iter_mut() {
+            section.settle();
+        }
+        for (_, figure) in self.figures.iter_mut() {
+            figure.settle();
+        }
     }
 
     /// Folds `input` into the rule's figure, its slot looked up once.
@@ -430,6 +442,52 @@ mod tests {
         assert_eq!(agg.counters[&name("CANCELLED")], 1);
         assert_eq!(agg.events_applied, 4);
         assert_eq!(agg.updated_at_ms, 1003);
+    }
+
+    #[test]
+    fn a_folded_view_holds_its_parts_as_stored_and_means_the_same() {
+        let r = rules();
+        let mut agg = Aggregate::new("C1", 0);
+        for (i, (src, code, payload)) in [
+            ("orders", "CREATED", json!({"id": 0, "amount": 10.5})),
+            ("loyalty", "EARNED", json!({"points": 100, "tier": "gold"})),
+            ("orders", "CREATED", json!({"id": 1, "amount": 2.25})),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            agg.apply(&r, &mut event(&r, src, i as i64, code, payload))
+                .unwrap();
+        }
+        assert!(agg
+            .sources
+            .values()
+            .all(|s| matches!(s, Section::Encoded(_))));
+        assert!(agg.figures.values().all(|f| matches!(f, Figure::Stored(_))));
+        let mut decoded = agg.clone();
+        for (_, section) in decoded.sources.iter_mut() {
+            section.get_mut().unwrap();
+        }
+        for (_, figure) in decoded.figures.iter_mut() {
+            figure.value_mut().unwrap();
+        }
+        assert_eq!(agg, decoded);
+        assert_eq!(
+            crate::view_codec::encode(&agg).unwrap(),
+            crate::view_codec::encode(&decoded).unwrap(),
+            "stored as the decoded view would be"
+        );
+        agg.apply(
+            &r,
+            &mut event(&r, "loyalty", 3, "REDEEMED", json!({"points": 30})),
+        )
+        .unwrap();
+        assert_eq!(agg.figures[&name("points")], json!(70));
+        assert_eq!(agg.figures[&name("total")], json!(12.75));
+        assert_eq!(
+            agg.sources[&key("loyalty")].get().unwrap().state.to_value(),
+            json!({"points": 30, "tier": "gold"})
+        );
     }
 
     #[test]

@@ -38,6 +38,17 @@ impl Figure {
         }
     }
 
+    /// Writes a decoded figure back out as its JSON text: a view at rest holds each figure as
+    /// one allocation (decoded, an average or a history holds one per value), and writing it
+    /// copies the text.
+    pub fn settle(&mut self) {
+        if let Figure::Value(value) = self {
+            if let Ok(raw) = serde_json::value::to_raw_value(value) {
+                *self = Figure::Stored(raw);
+            }
+        }
+    }
+
     /// The figure's JSON text: as stored, or the value written out.
     pub fn json_text(&self) -> Cow<'_, str> {
         match self {

@@ -78,6 +78,17 @@ impl Section {
         }
     }
 
+    /// Encodes a decoded section back to its stored form: a view at rest holds each section as
+    /// one allocation of its bytes (decoded, it holds one per payload field and its spare room),
+    /// and writing it copies them. A section that does not encode stays decoded.
+    pub fn settle(&mut self) {
+        if let Section::Decoded(section) = self {
+            if let Ok(bytes) = crate::view_codec::encode_part(section) {
+                *self = Section::Encoded(bytes);
+            }
+        }
+    }
+
     /// Reads a section's binary encoding off the front of `bytes`, keeping it as it is once its
     /// shape is checked; returns it and the bytes after it.
     pub(crate) fn take_binary(bytes: &[u8]) -> postcard::Result<(Section, &[u8])> {

@@ -69,6 +69,26 @@ fn encode_fields(
     figures_as_text::serialize(&view.figures, &mut *ser)
 }
 
+thread_local! {
+    /// The bytes of the part being encoded by [`encode_part`]: a part is copied out at its exact
+    /// length, so that the buffer's spare room is not kept with every view.
+    static PART: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encodes one part of a view (a section) as postcard does, into one allocation of its exact
+/// length.
+pub(crate) fn encode_part<T: Serialize>(part: &T) -> postcard::Result<Box<[u8]>> {
+    PART.with_borrow_mut(|buffer| {
+        buffer.clear();
+        let mut ser = postcard::Serializer {
+            output: VecOutput(std::mem::take(buffer)),
+        };
+        let written = part.serialize(&mut ser);
+        *buffer = ser.output.0;
+        written.map(|()| buffer.as_slice().into())
+    })
+}
+
 /// postcard's output into a vector a slice at a time: its `to_io` makes every byte a call to
 /// `memcpy` and its `to_extend` copies byte by byte, which made most of the encoding's time.
 struct VecOutput(Vec<u8>);
