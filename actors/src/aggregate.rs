@@ -24,7 +24,7 @@ pub struct Aggregate {
     /// Latest event time seen, in milliseconds since the epoch.
     pub updated_at_ms: i64,
     /// Per source: the latest state it transferred (as stored, until an event changes it).
-    pub sources: SmallMap<String, Section>,
+    pub sources: SmallMap<Name, Section>,
     /// Events applied per code.
     pub counters: SmallMap<Name, u64>,
     /// The figures the rules derive, by rule name.
@@ -92,7 +92,7 @@ impl Aggregate {
             // Every input is read before anything changes, so that a failure has no effect;
             // decoding the section the event changes changes nothing the view means.
             let inputs = read_inputs(rules, event, envelope)?;
-            if let (false, Some(section)) = (deletes, self.sources.get_mut(&source.name)) {
+            if let (false, Some(section)) = (deletes, self.sources.get_mut(source.name.as_str())) {
                 section.get_mut().map_err(|e| FoldError::Unreadable {
                     part: format!("section {:?}", source.name),
                     reason: e.to_string(),
@@ -111,11 +111,11 @@ impl Aggregate {
             }
         }
         if deletes {
-            self.sources.remove(&source.name);
+            self.sources.remove(source.name.as_str());
         } else if let Body::Envelope(envelope) = &mut event.body {
             let payload = envelope.payload.take().unwrap_or_default();
             // Updated in place: keys are not cloned anew.
-            match self.sources.get_mut(&source.name) {
+            match self.sources.get_mut(source.name.as_str()) {
                 // Decoded above.
                 Some(Section::Decoded(section)) => {
                     let prev = std::mem::take(&mut section.state);
@@ -138,7 +138,7 @@ impl Aggregate {
                         timestamp_ms: event.timestamp_ms,
                         state: payload,
                     };
-                    self.sources.insert(source.name.clone(), section.into());
+                    self.sources.insert(Name::new(&source.name), section.into());
                 }
             }
         }
@@ -275,12 +275,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
-    /// A map key, for indexing the view's maps.
-    fn key(name: &str) -> String {
-        name.to_string()
-    }
-
-    /// A name, for indexing the view's counters and figures.
+    /// A name, for indexing the view's maps.
     fn name(text: &str) -> Name {
         Name::new(text)
     }
@@ -485,7 +480,11 @@ mod tests {
         assert_eq!(agg.figures[&name("points")], json!(70));
         assert_eq!(agg.figures[&name("total")], json!(12.75));
         assert_eq!(
-            agg.sources[&key("loyalty")].get().unwrap().state.to_value(),
+            agg.sources[&name("loyalty")]
+                .get()
+                .unwrap()
+                .state
+                .to_value(),
             json!({"points": 30, "tier": "gold"})
         );
     }
@@ -526,7 +525,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(agg.figures[&name("points")], json!(70));
-        let section = agg.sources[&key("loyalty")].get().unwrap();
+        let section = agg.sources[&name("loyalty")].get().unwrap();
         assert_eq!(
             section.state.to_value(),
             json!({"points": 30, "tier": "gold"})

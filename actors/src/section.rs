@@ -49,8 +49,8 @@ struct SectionShape<'a> {
 pub enum Section {
     /// The section's binary encoding, as the store held it.
     Encoded(Box<[u8]>),
-    /// The section, decoded.
-    Decoded(SourceSection),
+    /// The section, decoded (boxed: a view's map of sections sizes every entry for it).
+    Decoded(Box<SourceSection>),
 }
 
 /// Why a stored section does not decode (its bytes are damaged).
@@ -62,7 +62,7 @@ impl Section {
     /// The section, decoded if it is still as stored.
     pub fn get(&self) -> Result<Cow<'_, SourceSection>, SectionDecodeError> {
         match self {
-            Section::Decoded(section) => Ok(Cow::Borrowed(section)),
+            Section::Decoded(section) => Ok(Cow::Borrowed(section.as_ref())),
             Section::Encoded(bytes) => Ok(Cow::Owned(postcard::from_bytes(bytes)?)),
         }
     }
@@ -70,7 +70,7 @@ impl Section {
     /// The section to change, decoded in place first if it is still as stored.
     pub fn get_mut(&mut self) -> Result<&mut SourceSection, SectionDecodeError> {
         if let Section::Encoded(bytes) = self {
-            *self = Section::Decoded(postcard::from_bytes(bytes)?);
+            *self = Section::Decoded(Box::new(postcard::from_bytes(bytes)?));
         }
         match self {
             Section::Decoded(section) => Ok(section),
@@ -112,7 +112,7 @@ impl Section {
 
 impl From<SourceSection> for Section {
     fn from(section: SourceSection) -> Self {
-        Section::Decoded(section)
+        Section::Decoded(Box::new(section))
     }
 }
 
@@ -142,7 +142,7 @@ impl Serialize for Section {
 
 impl<'de> Deserialize<'de> for Section {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        SourceSection::deserialize(deserializer).map(Section::Decoded)
+        SourceSection::deserialize(deserializer).map(|section| Section::Decoded(Box::new(section)))
     }
 }
 
@@ -184,7 +184,7 @@ mod tests {
             assert_eq!(rest, b"after", "the shape reads exactly the section");
             assert!(matches!(&taken, Section::Encoded(b) if b.len() == bytes.len() - 5));
             assert_eq!(*taken.get().expect("decodes"), written);
-            assert_eq!(taken, Section::Decoded(written.clone()));
+            assert_eq!(taken, Section::from(written.clone()));
             let mut changed = taken.clone();
             changed.get_mut().expect("decodes").offset += 1;
             assert!(matches!(changed, Section::Decoded(_)));
@@ -201,9 +201,7 @@ mod tests {
                 output: postcard::ser_flavors::StdVec::new(),
             };
             taken.put_binary(&mut out).expect("writes");
-            Section::Decoded(written)
-                .put_binary(&mut out)
-                .expect("writes");
+            Section::from(written).put_binary(&mut out).expect("writes");
             let out = postcard::ser_flavors::Flavor::finalize(out.output).expect("finalizes");
             assert_eq!(out, [bytes.clone(), bytes].concat());
         }

@@ -134,7 +134,7 @@ fn decode_fields(bytes: &[u8]) -> postcard::Result<Aggregate> {
     rest = after;
     let mut sources = SmallMap::for_reading(count);
     for _ in 0..count {
-        let (name, after) = postcard::take_from_bytes::<String>(rest)?;
+        let (name, after) = postcard::take_from_bytes::<Name>(rest)?;
         let (section, after) = Section::take_binary(after)?;
         rest = after;
         sources.push_read(name, section);
