@@ -169,7 +169,7 @@ impl Aggregate {
     fn fold_rule(&mut self, rule: &RuleConfig, input: Input) {
         match self.figures.get_mut(rule.name.as_str()) {
             Some(Figure::Value(slot)) => {
-                *slot = next_figure(rule, input, Some(std::mem::take(slot)))
+                **slot = next_figure(rule, input, Some(std::mem::take(&mut **slot)))
             }
             Some(Figure::Stored(_)) => {
                 unreachable!("the figures an event changes are decoded before any change")
