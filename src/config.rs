@@ -258,6 +258,9 @@ pub struct TuningConfig {
     pub entity_idle_ms: u64,
     /// Most live entity actors: beyond it, the idle ones that were sent an event least recently
     /// passivate first, which bounds the memory that views take whatever the number of entities.
+    /// A live entity takes about 1.2 KB of heap (its view as stored, its actor); an event for one
+    /// that is not live first reads its view back from the store (about 20 us of CPU), so a bound
+    /// above the number of entities in use is the faster setting where memory allows.
     pub max_live_entities: usize,
     /// Largest record value accepted; larger records are dead-lettered.
     pub max_value_bytes: usize,
