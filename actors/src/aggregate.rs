@@ -23,7 +23,7 @@ pub struct Aggregate {
     pub events_applied: u64,
     /// Latest event time seen, in milliseconds since the epoch.
     pub updated_at_ms: i64,
-    /// Per source: the latest state it transferred (as stored, until an event changes it).
+    /// Per source: the latest state it transferred (as stored between events).
     pub sources: SmallMap<Name, Section>,
     /// Events applied per code.
     pub counters: SmallMap<Name, u64>,

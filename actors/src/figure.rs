@@ -1,7 +1,7 @@
-//! A figure a rule derives (a count, a sum, a history, ...). A view read back from the store
-//! keeps each figure as the JSON text it was stored as until its rule folds an event into it, so
-//! that loading a view builds no JSON tree per figure and writing it copies the text of the
-//! figures no rule changed.
+//! A figure a rule derives (a count, a sum, a history, ...). Between events a view holds each
+//! figure as its JSON text: as stored, or written out again once its rule has folded an event
+//! into it (`settle`). Loading a view builds no JSON tree per figure and writing it copies the
+//! text.
 
 use std::borrow::Cow;
 

@@ -1,7 +1,7 @@
-//! A view's section: the latest state one source transferred about the entity. A view read back
-//! from the store keeps each section as the bytes it was stored as until an event of its source
-//! changes it, so that loading a view decodes none of its sections and writing it copies the
-//! untouched ones whole (an event changes one section of seven).
+//! A view's section: the latest state one source transferred about the entity. Between events a
+//! view holds each section as its stored bytes: read back from the store, or encoded again once
+//! an event of its source has changed it (`settle`). Loading a view decodes none of its
+//! sections, writing it copies them whole, and a live view takes about its stored size.
 
 use std::borrow::Cow;
 
