@@ -10,7 +10,9 @@ use crate::name::Name;
 use crate::rules::{RuleConfig, RuleKind, Rules};
 use crate::small_map::SmallMap;
 
+use crate::json_fields::Fields;
 pub use crate::section::{Section, SourceSection};
+use crate::section::{SectionDecodeError, SectionHead};
 
 /// The live view of one entity.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -88,15 +90,14 @@ impl Aggregate {
         let source = rules.source(event.source);
         let deletes = event.body == Body::Tombstone
             || source.delete_codes.iter().any(|code| *code == *event.code);
+        // The section the event changes, in its stored form, when it can be built so.
+        let mut folded = None;
         if let Body::Envelope(envelope) = &event.body {
             // Every input is read before anything changes, so that a failure has no effect;
             // decoding the section the event changes changes nothing the view means.
             let inputs = read_inputs(rules, event, envelope)?;
-            if let (false, Some(section)) = (deletes, self.sources.get_mut(source.name.as_str())) {
-                section.get_mut().map_err(|e| FoldError::Unreadable {
-                    part: format!("section {:?}", source.name),
-                    reason: e.to_string(),
-                })?;
+            if !deletes {
+                folded = self.fold_section(&source.name, event, envelope)?;
             }
             for (rule, _) in &inputs {
                 if let Some(figure) = self.figures.get_mut(rule.name.as_str()) {
@@ -112,6 +113,14 @@ impl Aggregate {
         }
         if deletes {
             self.sources.remove(source.name.as_str());
+        } else if let Some(bytes) = folded {
+            match self.sources.get_mut(source.name.as_str()) {
+                Some(section) => *section = Section::Encoded(bytes),
+                None => {
+                    self.sources
+                        .insert(Name::new(&source.name), Section::Encoded(bytes));
+                }
+            }
         } else if let Body::Envelope(envelope) = &mut event.body {
             let payload = envelope.payload.take().unwrap_or_default();
             // Updated in place: keys are not cloned anew.
@@ -152,6 +161,47 @@ impl Aggregate {
         self.updated_at_ms = self.updated_at_ms.max(event.timestamp_ms);
         self.settle();
         Ok(())
+    }
+
+    /// The stored form of source `name`'s section after `event`, built from its stored bytes
+    /// (an event changes one source's section, and a view at rest holds it stored: decoding,
+    /// changing and encoding it again cost more than merging its text). When it cannot be built
+    /// so, the section is decoded here, to be changed in place. Changes nothing the view means.
+    fn fold_section(
+        &mut self,
+        name: &str,
+        event: &Event,
+        envelope: &Envelope,
+    ) -> Result<Option<Box<[u8]>>, FoldError> {
+        let unreadable = |e: SectionDecodeError| FoldError::Unreadable {
+            part: format!("section {name:?}"),
+            reason: e.to_string(),
+        };
+        let null;
+        let payload = match &envelope.payload {
+            Some(payload) => payload,
+            None => {
+                null = Fields::default();
+                &null
+            }
+        };
+        let head = SectionHead {
+            code: event.code.as_str(),
+            message_id: &event.message_id,
+            partition: event.origin.tp.partition,
+            offset: event.origin.offset,
+            timestamp_ms: event.timestamp_ms,
+        };
+        let section = self.sources.get_mut(name);
+        match Section::folded(section.as_deref(), &head, payload).map_err(unreadable)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None => {
+                if let Some(section) = section {
+                    section.get_mut().map_err(unreadable)?;
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// Puts the parts an event decoded back in their stored form (see [`Section::settle`] and

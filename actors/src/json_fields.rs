@@ -77,7 +77,7 @@ impl PartialEq for Fields {
 /// The form of [`Fields`] in formats that are not human-readable (the store's binary
 /// encoding): each field's JSON text as a string, so that nothing is decoded.
 #[derive(Serialize)]
-enum FieldsText<'a, P> {
+pub(crate) enum FieldsText<'a, P> {
     /// A sequence of (name, JSON text) pairs.
     Object(P),
     Other(&'a str),
@@ -89,6 +89,59 @@ struct PairsText<'a>(&'a SmallMap<Name, Box<RawValue>>);
 impl Serialize for PairsText<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.0.iter().map(|(name, raw)| (name.as_str(), raw.get())))
+    }
+}
+
+/// [`FieldsText`] as stored, borrowed from the stored bytes: an object's pairs in the order they
+/// were written.
+#[derive(Deserialize)]
+pub(crate) enum StoredFields<'a> {
+    Object(#[serde(borrow)] Vec<(&'a str, &'a str)>),
+    // Read only to check the shape: a later value replaces it whole.
+    Other(
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        &'a str,
+    ),
+}
+
+/// Fields merged from stored text and an event's payload, written as [`Fields`] are.
+pub(crate) type MergedText<'a> = FieldsText<'a, Vec<(&'a str, &'a str)>>;
+
+impl Fields {
+    /// `stored` (`None`: nothing yet) merged with this later value as [`Fields::merge`] merges,
+    /// from their text, nothing decoded; `None` if the stored pairs are not in strict key order
+    /// (a map writes them in order, so only a damaged or foreign value is).
+    pub(crate) fn merged_over<'a>(
+        &'a self,
+        stored: Option<StoredFields<'a>>,
+    ) -> Option<MergedText<'a>> {
+        Some(match (stored, self) {
+            (Some(StoredFields::Object(prev)), Fields::Object(next)) => {
+                if !prev.windows(2).all(|w| w[0].0 < w[1].0) {
+                    return None;
+                }
+                let mut merged = Vec::with_capacity(prev.len() + next.len());
+                let mut prev = prev.into_iter().peekable();
+                for (name, raw) in next.iter() {
+                    let (name, text) = (name.as_str(), raw.get());
+                    while let Some(earlier) = prev.next_if(|(p, _)| *p < name) {
+                        merged.push(earlier);
+                    }
+                    // The later value of a name replaces the stored one.
+                    prev.next_if(|(p, _)| *p == name);
+                    merged.push((name, text));
+                }
+                merged.extend(prev);
+                FieldsText::Object(merged)
+            }
+            (_, Fields::Object(next)) => FieldsText::Object(
+                next.iter()
+                    .map(|(name, raw)| (name.as_str(), raw.get()))
+                    .collect(),
+            ),
+            (_, Fields::Other(raw)) => FieldsText::Other(raw.get()),
+        })
     }
 }
 

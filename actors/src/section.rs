@@ -1,13 +1,14 @@
 //! A view's section: the latest state one source transferred about the entity. Between events a
-//! view holds each section as its stored bytes: read back from the store, or encoded again once
-//! an event of its source has changed it (`settle`). Loading a view decodes none of its
+//! view holds each section as its stored bytes: read back from the store, or built from them and
+//! the event's payload when an event of its source changes it (`folded`; decoded, changed and
+//! encoded again only where that cannot be done: `settle`). Loading a view decodes none of its
 //! sections, writing it copies them whole, and a live view takes about its stored size.
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::json_fields::{Fields, FieldsShape};
+use crate::json_fields::{Fields, FieldsShape, StoredFields};
 use crate::name::Name;
 
 /// The latest state one source transferred about the entity.
@@ -27,11 +28,11 @@ pub struct SourceSection {
     pub state: Fields,
 }
 
-/// A [`SourceSection`] as stored, checked without building it: the same fields in the same
-/// order, strings borrowed and payload fields skipped. It must follow `SourceSection` field for
-/// field (the tests below pin it).
+/// A [`SourceSection`] as stored, read without building it: its strings borrowed and its payload
+/// fields as `S` reads them (skipped to check the shape, or as (name, JSON text) pairs for an
+/// event to fold into). It must follow `SourceSection` field for field (the tests below pin it).
 #[derive(Deserialize)]
-struct SectionShape<'a> {
+struct StoredSection<'a, S> {
     #[serde(borrow)]
     _code: &'a str,
     #[serde(borrow)]
@@ -39,8 +40,33 @@ struct SectionShape<'a> {
     _partition: i32,
     _offset: i64,
     _timestamp_ms: i64,
-    #[serde(borrow)]
-    _state: FieldsShape<'a>,
+    state: S,
+}
+
+/// What an event sets in its source's section besides the payload fields.
+pub(crate) struct SectionHead<'a> {
+    /// The event's code.
+    pub code: &'a str,
+    /// Its message id.
+    pub message_id: &'a str,
+    /// The partition it was read from.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its time in milliseconds since the epoch.
+    pub timestamp_ms: i64,
+}
+
+/// A section written from borrowed parts; it must follow `SourceSection` field for field, so
+/// that it encodes to the same bytes (the tests below pin it).
+#[derive(Serialize)]
+struct SectionText<'a, S> {
+    code: &'a str,
+    message_id: &'a str,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: i64,
+    state: S,
 }
 
 /// A section of a view: as stored (the binary encoding of a [`SourceSection`], checked to be
@@ -89,10 +115,42 @@ impl Section {
         }
     }
 
+    /// The stored form of `section` (`None`: the source has none yet) after an event with
+    /// `head` and `payload`, built from the stored text without decoding it: its payload fields
+    /// merged as [`Fields::merge`] merges them. `Ok(None)` when it cannot be built so (the
+    /// section is decoded, or its stored fields are out of order): the section is then changed
+    /// decoded. An error if the stored bytes are damaged.
+    pub(crate) fn folded(
+        section: Option<&Section>,
+        head: &SectionHead<'_>,
+        payload: &Fields,
+    ) -> Result<Option<Box<[u8]>>, SectionDecodeError> {
+        let stored = match section {
+            Some(Section::Encoded(bytes)) => {
+                Some(postcard::from_bytes::<StoredSection<StoredFields>>(bytes)?)
+            }
+            Some(Section::Decoded(_)) => return Ok(None),
+            None => None,
+        };
+        let Some(state) = payload.merged_over(stored.map(|s| s.state)) else {
+            return Ok(None);
+        };
+        let text = SectionText {
+            code: head.code,
+            message_id: head.message_id,
+            partition: head.partition,
+            offset: head.offset,
+            timestamp_ms: head.timestamp_ms,
+            state,
+        };
+        // Strings and integers always encode; should they not, the section is changed decoded.
+        Ok(crate::view_codec::encode_part(&text).ok())
+    }
+
     /// Reads a section's binary encoding off the front of `bytes`, keeping it as it is once its
     /// shape is checked; returns it and the bytes after it.
     pub(crate) fn take_binary(bytes: &[u8]) -> postcard::Result<(Section, &[u8])> {
-        let (_, rest) = postcard::take_from_bytes::<SectionShape>(bytes)?;
+        let (_, rest) = postcard::take_from_bytes::<StoredSection<FieldsShape>>(bytes)?;
         let encoded = &bytes[..bytes.len() - rest.len()];
         Ok((Section::Encoded(encoded.into()), rest))
     }
@@ -149,6 +207,7 @@ impl<'de> Deserialize<'de> for Section {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json_fields::FieldsText;
 
     fn section(state: &str) -> SourceSection {
         SourceSection {
@@ -204,6 +263,94 @@ mod tests {
             Section::from(written).put_binary(&mut out).expect("writes");
             let out = postcard::ser_flavors::Flavor::finalize(out.output).expect("finalizes");
             assert_eq!(out, [bytes.clone(), bytes].concat());
+        }
+    }
+
+    fn fields(text: &str) -> Fields {
+        serde_json::from_str(text).expect("json")
+    }
+
+    const HEAD: SectionHead<'static> = SectionHead {
+        code: "ORDER_PAID",
+        message_id: "a0c1",
+        partition: 5,
+        offset: 90_210,
+        timestamp_ms: 1_790_813_452_371,
+    };
+
+    /// What changing the decoded section writes: the payload merged over its fields.
+    fn folded_decoded(stored: Option<&SourceSection>, payload: &Fields) -> Vec<u8> {
+        let state = match stored {
+            Some(stored) => stored.state.clone().merge(payload.clone()),
+            None => payload.clone(),
+        };
+        postcard::to_allocvec(&SourceSection {
+            code: HEAD.code.into(),
+            message_id: HEAD.message_id.into(),
+            partition: HEAD.partition,
+            offset: HEAD.offset,
+            timestamp_ms: HEAD.timestamp_ms,
+            state,
+        })
+        .expect("encodes")
+    }
+
+    #[test]
+    fn folding_stored_bytes_writes_what_changing_the_decoded_section_writes() {
+        let payloads = [
+            r#"{"total":3.5,"zz":null,"address":[1],"a":"x"}"#,
+            r#"{"é":{"k":1}}"#,
+            "{}",
+            "[3]",
+            "7",
+        ]
+        .map(fields);
+        for payload in &payloads {
+            for stored in sections() {
+                let section = Section::Encoded(postcard::to_allocvec(&stored).expect("a").into());
+                let folded = Section::folded(Some(&section), &HEAD, payload)
+                    .expect("well formed")
+                    .expect("in key order");
+                assert_eq!(
+                    *folded,
+                    folded_decoded(Some(&stored), payload),
+                    "{stored:?}"
+                );
+            }
+            let new = Section::folded(None, &HEAD, payload).expect("nothing to read");
+            assert_eq!(*new.expect("built"), folded_decoded(None, payload));
+        }
+    }
+
+    #[test]
+    fn a_stored_section_out_of_key_order_is_changed_decoded() {
+        let text = SectionText {
+            code: "ORDER_CREATED",
+            message_id: "93b8f927",
+            partition: 3,
+            offset: 2247,
+            timestamp_ms: 0,
+            state: FieldsText::Object(vec![("total", "2"), ("address", "{}")]),
+        };
+        let section = Section::Encoded(postcard::to_allocvec(&text).expect("encodes").into());
+        let payload = fields(r#"{"total":3}"#);
+        assert!(Section::folded(Some(&section), &HEAD, &payload)
+            .expect("well formed")
+            .is_none());
+        let decoded = section.get().expect("decodes");
+        assert_eq!(decoded.state, fields(r#"{"address":{},"total":2}"#));
+    }
+
+    #[test]
+    fn folding_damaged_stored_bytes_is_an_error() {
+        let bytes = postcard::to_allocvec(&sections()[0]).expect("encodes");
+        let payload = fields(r#"{"total":3}"#);
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            let section = Section::Encoded(bytes[..cut].into());
+            assert!(
+                Section::folded(Some(&section), &HEAD, &payload).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
