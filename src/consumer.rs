@@ -234,7 +234,10 @@ impl AggregatorContext {
             numbers
         };
         let started = Instant::now();
-        match restorer.restore(store, &partitions) {
+        let restoring = restorer.restore(store, &partitions);
+        // Views kept warm may be older than what the store now holds, restored or not.
+        self.pipeline.warm.invalidate();
+        match restoring {
             Ok(restored) => {
                 let topology = &self.pipeline.topology;
                 topology
