@@ -156,10 +156,6 @@ pub struct BenchReport {
     pub markers_kept: u64,
     /// Markers expired out of the window during the run.
     pub markers_expired: u64,
-    /// Entity actors passivated during the run (idle, or beyond the live bound).
-    pub passivations: u64,
-    /// Entity actors that started with their key's warm view instead of reading the store.
-    pub warm_views_taken: u64,
     /// Milliseconds from start to serving views, with the store full, after a clean shutdown.
     pub restart_serving_ms: f64,
     /// Milliseconds from start to `/ready` (group joined, partitions assigned), store full, after
@@ -418,8 +414,6 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     ];
     let store_bytes = running.topology.dedup.store_bytes.load(Ordering::Relaxed);
     let markers_expired = running.topology.snapshot(0).dedup.markers_expired;
-    let passivations = running.metrics.entity_passivations.get();
-    let warm_views_taken = running.metrics.warm_views_taken.get();
     running.shutdown().await?;
 
     // The workload's service stopped without the checkpoint: the first restart replays sled's
@@ -457,8 +451,6 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         dedup_window: config.store.dedup_window,
         markers_kept,
         markers_expired,
-        passivations,
-        warm_views_taken,
         restart_serving_ms,
         restart_ready_ms,
         recovery_serving_ms,
@@ -495,7 +487,6 @@ pub fn render(r: &BenchReport) -> String {
          restart: serving {:.0} ms, ready {:.0} ms | without the shutdown's checkpoint (as after a \
          crash): serving {:.0} ms, ready {:.0} ms\n\
          dedup markers kept {} (window {} ids per partition), expired {}\n\
-         entity actors passivated {}; started again with a warm view {}\n\
          verified (every event applied once): {} ({})",
         r.events,
         r.keys,
@@ -517,8 +508,6 @@ pub fn render(r: &BenchReport) -> String {
         r.markers_kept,
         r.dedup_window,
         r.markers_expired,
-        r.passivations,
-        r.warm_views_taken,
         r.verified,
         counts_text("produced", &r.counts),
     )

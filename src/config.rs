@@ -44,8 +44,6 @@ pub mod defaults {
     pub const ENTITY_IDLE_MS: u64 = 30_000;
     /// Live entity actors beyond which the least recently used idle ones passivate.
     pub const MAX_LIVE_ENTITIES: usize = 50_000;
-    /// Views of passivated entity actors kept in memory for their key's next actor.
-    pub const WARM_VIEWS: usize = 50_000;
     /// Largest record value accepted.
     pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
     /// Longest entity key accepted.
@@ -264,10 +262,6 @@ pub struct TuningConfig {
     /// that is not live first reads its view back from the store (about 20 us of CPU), so a bound
     /// above the number of entities in use is the faster setting where memory allows.
     pub max_live_entities: usize,
-    /// Views of passivated entity actors kept in memory (as stored, about 0.6 KB each with the
-    /// key), the most recently passivated longest: the next actor of such a key starts with its
-    /// view at once instead of reading it back from the store. 0 keeps none.
-    pub warm_views: usize,
     /// Largest record value accepted; larger records are dead-lettered.
     pub max_value_bytes: usize,
     /// Longest entity key accepted, in bytes.
@@ -291,7 +285,6 @@ impl Default for TuningConfig {
             max_in_flight_per_partition: defaults::MAX_IN_FLIGHT_PER_PARTITION,
             entity_idle_ms: defaults::ENTITY_IDLE_MS,
             max_live_entities: defaults::MAX_LIVE_ENTITIES,
-            warm_views: defaults::WARM_VIEWS,
             max_value_bytes: defaults::MAX_VALUE_BYTES,
             max_key_bytes: defaults::MAX_KEY_BYTES,
             poll_batch: defaults::POLL_BATCH,

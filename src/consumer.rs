@@ -234,10 +234,7 @@ impl AggregatorContext {
             numbers
         };
         let started = Instant::now();
-        let restoring = restorer.restore(store, &partitions);
-        // Views kept warm may be older than what the store now holds, restored or not.
-        self.pipeline.warm.invalidate();
-        match restoring {
+        match restorer.restore(store, &partitions) {
             Ok(restored) => {
                 let topology = &self.pipeline.topology;
                 topology

@@ -18,7 +18,6 @@ use aggregator_actors::offset_committer::{OffsetCommitter, OffsetSink, Shutdown}
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::Topology;
 use aggregator_actors::view_loader::ViewLoader;
-use aggregator_actors::warm_views::WarmViews;
 use aggregator_actors::{RulesError, Store, StoreError};
 
 use crate::changelog_producer::{ChangelogSetupError, KafkaChangelog};
@@ -154,7 +153,6 @@ pub fn start_actors(
         metrics: metrics.clone(),
         dedup: dedup.clone(),
         loader: ViewLoader::start(ledger.clone()).map_err(StartError::Loader)?,
-        warm: WarmViews::new(config.tuning.warm_views, ledger.clone()),
         ledger,
         committer: committer.clone(),
         dead_letters: DeadLetterer::new(

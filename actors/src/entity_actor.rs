@@ -49,8 +49,6 @@ pub struct EntityActor {
     mailbox: Arc<AtomicUsize>,
     /// Set when the actor dies with work possibly lost, so that its records are replayed.
     died: bool,
-    /// The warm views' epoch when it started, before it obtained its view.
-    warm_epoch: u64,
 }
 
 impl EntityActor {
@@ -70,7 +68,6 @@ impl EntityActor {
             pipeline,
             mailbox,
             died: false,
-            warm_epoch: 0,
         }
     }
 
@@ -222,21 +219,8 @@ impl Actor for EntityActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let p = &self.pipeline;
-        p.metrics.entity_actors.inc();
-        self.warm_epoch = p.warm.epoch();
-        // Taken first, so that no view of the key stays warm while this actor changes it; what
-        // is staged is newer.
-        let warm = p.warm.take(&self.key);
-        let view = match (p.ledger.view(&self.key), warm) {
-            (Some(staged), _) => Some(staged),
-            (None, Some(warm)) => {
-                p.metrics.warm_views_taken.inc();
-                Some(warm)
-            }
-            (None, None) => None,
-        };
-        if let Some(view) = view {
+        self.pipeline.metrics.entity_actors.inc();
+        if let Some(view) = self.pipeline.ledger.view(&self.key) {
             self.partition = view.partition;
             self.view = Some(view);
         } else {
@@ -248,21 +232,10 @@ impl Actor for EntityActor {
         let p = &self.pipeline;
         p.topology.entities.remove(&self.key, &ctx.address());
         p.metrics.entity_actors.dec();
-        let lost_work = self.died || self.mailbox.load(Ordering::Relaxed) > 0;
         if let Some(view) = self.view.take() {
-            // Kept warm only as its key's latest: this actor finished its work, and no newer
-            // actor of the key started (it may have loaded its view already).
-            let latest = !lost_work && p.topology.entities.get(&self.key).is_none();
-            let dropped = if latest {
-                p.warm.keep(view, self.warm_epoch)
-            } else {
-                Some(view)
-            };
-            if let Some(view) = dropped {
-                p.loader.retire(view);
-            }
+            p.loader.retire(view);
         }
-        if lost_work {
+        if self.died || self.mailbox.load(Ordering::Relaxed) > 0 {
             // Events in the mailbox are gone with it: every supervisor hands its unfinished
             // records of this key, in offset order, to the next actor of the key.
             p.metrics.entity_deaths.inc();

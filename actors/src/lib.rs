@@ -30,7 +30,6 @@ pub mod store;
 pub mod topology;
 pub mod view_codec;
 pub mod view_loader;
-pub mod warm_views;
 
 /// The hasher of the maps looked up by entity key or message id for every event: foldhash,
 /// seeded at random per process, where the standard SipHash was about 5% of the actors' thread.

@@ -38,8 +38,6 @@ pub struct Metrics {
     pub entity_deaths: IntCounter,
     /// Entity actors that passivated with all their work done (idle, or beyond the live bound).
     pub entity_passivations: IntCounter,
-    /// Entity actors that started with their key's warm view, not reading it from the store.
-    pub warm_views_taken: IntCounter,
     /// Partition supervisors restarted after they died.
     pub supervisor_restarts: IntCounter,
     /// The dedup actor and the offset committer restarted after they died, by actor.
@@ -147,10 +145,6 @@ impl Metrics {
             "entity_passivations_total",
             "Entity actors that passivated with all their work done (idle, or beyond the live bound).",
         );
-        let warm_views_taken = counter(
-            "warm_views_taken_total",
-            "Entity actors that started with their key's warm view, not reading it from the store.",
-        );
         let histogram = |name: &str, help: &str| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(vec![
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -185,7 +179,6 @@ impl Metrics {
             replayed,
             entity_deaths,
             entity_passivations,
-            warm_views_taken,
             supervisor_restarts,
             restarts,
             partitions_revoked,

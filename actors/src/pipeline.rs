@@ -16,7 +16,6 @@ use crate::offset_committer::OffsetCommitter;
 use crate::rules::Rules;
 use crate::topology::Topology;
 use crate::view_loader::ViewLoader;
-use crate::warm_views::WarmViews;
 
 /// Shared context of the actor tree.
 pub struct Pipeline {
@@ -34,8 +33,6 @@ pub struct Pipeline {
     pub ledger: Arc<Ledger>,
     /// Reads the views of entity actors that start.
     pub loader: ViewLoader,
-    /// The views of passivated entity actors, for the next actor of their key.
-    pub warm: WarmViews,
     /// The offset committer.
     pub committer: Addr<OffsetCommitter>,
     /// Where unprocessable records go.
