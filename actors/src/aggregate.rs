@@ -122,7 +122,7 @@ impl Aggregate {
                 }
             }
         } else if let Body::Envelope(envelope) = &mut event.body {
-            let payload = envelope.payload.take().unwrap_or_default();
+            let payload = envelope.payload.take().unwrap_or_default().into_owned();
             // Updated in place: keys are not cloned anew.
             match self.sources.get_mut(source.name.as_str()) {
                 // Decoded above.

@@ -2,12 +2,13 @@
 //! says why it cannot be processed and goes to the dead-letter topic.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::json_fields::{decode, first_token, value_at, Fields};
+use crate::json_fields::{decode, first_token, span_of, value_at, Fields, SharedSeed, Span};
 use crate::name::Name;
 use crate::record::{Origin, Record};
 use crate::rules::Rules;
@@ -34,28 +35,47 @@ pub enum Body {
     Tombstone,
 }
 
-/// An envelope as parsed: its payload's fields and its other top-level fields, each kept as JSON
-/// text and decoded only where a rule or the key pointer reads it.
+/// An envelope as parsed: its text, once, and its payload's fields and its other top-level fields
+/// as spans of it, each decoded only where a rule or the key pointer reads it.
 #[derive(Clone, Debug)]
 pub struct Envelope {
     /// The payload; the fold moves it into the view, leaving `None` (as for an envelope without).
     pub payload: Option<Fields>,
+    /// The envelope's JSON text, which `rest` and an object payload's fields are spans of.
+    text: Arc<str>,
     /// The other top-level fields (`metadata`, `code`, ...), by name.
-    pub rest: SmallMap<Name, Box<RawValue>>,
+    rest: SmallMap<Name, Span>,
 }
 
 impl Envelope {
     /// Splits the JSON text of an envelope into its fields; a rejection if it is not JSON or not
     /// an object.
     pub fn from_text(text: &str) -> Result<Self, Rejection> {
-        serde_json::from_str(text).map_err(|e| {
+        let text: Arc<str> = Arc::from(text);
+        let mut deserializer = serde_json::Deserializer::from_str(&text);
+        let parsed = serde::Deserializer::deserialize_map(
+            &mut deserializer,
+            EnvelopeVisitor { text: &text },
+        )
+        .and_then(|parsed| deserializer.end().map(|()| parsed));
+        let (payload, rest) = parsed.map_err(|e| {
             // Decoded again only to tell bad JSON from JSON that is not an object.
-            match serde_json::from_str::<Value>(text) {
+            match serde_json::from_str::<Value>(&text) {
                 Ok(Value::Object(_)) => Rejection::InvalidJson(e.to_string()),
                 Ok(other) => Rejection::NotAnObject(json_type(&other)),
                 Err(e) => Rejection::InvalidJson(e.to_string()),
             }
+        })?;
+        Ok(Envelope {
+            payload,
+            text,
+            rest,
         })
+    }
+
+    /// The JSON text of top-level field `name` (not the payload).
+    fn field(&self, name: &str) -> Option<&str> {
+        self.rest.get(name).map(|span| &self.text[span.clone()])
     }
 
     /// The value at JSON pointer `pointer` (RFC 6901) within the envelope, decoded; only the
@@ -65,7 +85,7 @@ impl Envelope {
             let mut whole: serde_json::Map<String, Value> = self
                 .rest
                 .iter()
-                .map(|(name, raw)| (name.to_string(), decode(raw)))
+                .map(|(name, span)| (name.to_string(), decode(&self.text[span.clone()])))
                 .collect();
             if let Some(payload) = &self.payload {
                 whole.insert("payload".into(), payload.to_value());
@@ -76,43 +96,35 @@ impl Envelope {
         if name == "payload" {
             return self.payload.as_ref()?.pointer(rest);
         }
-        value_at(self.rest.get(name.as_ref())?, rest)
+        value_at(self.field(name.as_ref())?, rest)
     }
 }
 
-/// Read in one pass: the payload's fields and the other top-level fields are taken as text as
-/// the object is read. Only an object is an envelope.
-impl<'de> serde::Deserialize<'de> for Envelope {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EnvelopeVisitor;
+/// Reads an envelope in one pass: the payload and the other top-level fields are taken as spans
+/// of `text` (the text being read) as the object is read. Only an object is an envelope.
+struct EnvelopeVisitor<'t> {
+    text: &'t Arc<str>,
+}
 
-        impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor {
-            type Value = Envelope;
+impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor<'_> {
+    type Value = (Option<Fields>, SmallMap<Name, Span>);
 
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an envelope object")
-            }
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an envelope object")
+    }
 
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Envelope, A::Error> {
-                let mut envelope = Envelope {
-                    payload: None,
-                    rest: SmallMap::new(),
-                };
-                while let Some(name) = map.next_key::<Name>()? {
-                    if name.as_str() == "payload" {
-                        envelope.payload = Some(map.next_value::<Fields>()?);
-                    } else {
-                        envelope.rest.insert(name, map.next_value()?);
-                    }
-                }
-                Ok(envelope)
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut payload = None;
+        let mut rest = SmallMap::new();
+        while let Some(name) = map.next_key::<Name>()? {
+            if name.as_str() == "payload" {
+                payload = Some(map.next_value_seed(SharedSeed { text: self.text })?);
+            } else {
+                let raw = map.next_value::<&'de RawValue>()?;
+                rest.insert(name, span_of(self.text, raw.get()));
             }
         }
-
-        deserializer.deserialize_map(EnvelopeVisitor)
+        Ok((payload, rest))
     }
 }
 
@@ -260,9 +272,8 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
     let text = std::str::from_utf8(raw).map_err(|e| Rejection::InvalidUtf8(e.to_string()))?;
     let envelope = Envelope::from_text(text)?;
     let meta = envelope
-        .rest
-        .get("metadata")
-        .and_then(|raw| serde_json::from_str::<Metadata>(raw.get()).ok())
+        .field("metadata")
+        .and_then(|text| serde_json::from_str::<Metadata>(text).ok())
         .ok_or(Rejection::MissingMetadata)?;
     let message_id = match header_id {
         Some(id) => id,
@@ -272,9 +283,8 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
         },
     };
     let code = match envelope
-        .rest
-        .get("code")
-        .and_then(|raw| serde_json::from_str::<Field>(raw.get()).ok())
+        .field("code")
+        .and_then(|text| serde_json::from_str::<Field>(text).ok())
     {
         Some(Field::Text(c)) if !c.is_empty() => Name::new(&c),
         _ => return Err(Rejection::MissingCode),
@@ -704,6 +714,61 @@ mod tests {
         assert_eq!(
             detail(br#"{"metadata":{"message_id":"m"},"code":7}"#),
             "envelope has no code"
+        );
+    }
+
+    #[test]
+    fn the_payload_is_read_as_spans_of_the_envelope_meaning_what_it_alone_means() {
+        // Spacing, escapes in names and values, nesting, a later field of a name winning.
+        let payload =
+            r#"{ "b" : [1, {"c": "x\"y"}], "a\u0062c": 1.5e3, "b": {"z": null}, "d":"é" }"#;
+        let text =
+            format!(r#"{{"code":"C", "payload": {payload}, "metadata" : {{"message_id":"m"}}}}"#);
+        let envelope = Envelope::from_text(&text).unwrap();
+        let Some(Fields::Shared(_)) = &envelope.payload else {
+            panic!("an object payload is held as spans: {:?}", envelope.payload);
+        };
+        let alone: Fields = serde_json::from_str(payload).unwrap();
+        let read = envelope.payload.clone().unwrap();
+        assert_eq!(read, alone);
+        assert_eq!(
+            read.to_value(),
+            serde_json::from_str::<Value>(payload).unwrap()
+        );
+        // Stored and sent as the same bytes, and served as the same JSON.
+        assert_eq!(
+            postcard::to_allocvec(&read).unwrap(),
+            postcard::to_allocvec(&alone).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_string(&read).unwrap(),
+            serde_json::to_string(&alone).unwrap()
+        );
+        assert_eq!(read.pointer("/b/z"), Some(Value::Null));
+        assert_eq!(read.pointer("/abc"), Some(serde_json::json!(1500.0)));
+        assert_eq!(envelope.pointer("/metadata/message_id"), Some("m".into()));
+        assert_eq!(envelope.pointer("/code"), Some("C".into()));
+        // Copied out of the envelope's text, it is the same value.
+        let owned = read.clone().into_owned();
+        assert!(matches!(owned, Fields::Object(_)));
+        assert_eq!(
+            postcard::to_allocvec(&owned).unwrap(),
+            postcard::to_allocvec(&alone).unwrap()
+        );
+        // Anything but an object is read as before.
+        let envelope = Envelope::from_text(r#"{"payload": [1, 2], "code": "C"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&envelope.payload.unwrap()).unwrap(),
+            "[1,2]"
+        );
+        // Not JSON after the object, or not an object: rejected as before.
+        assert!(matches!(
+            Envelope::from_text(r#"{"payload": {}} x"#),
+            Err(Rejection::InvalidJson(_))
+        ));
+        assert_eq!(
+            Envelope::from_text("[1]").unwrap_err(),
+            Rejection::NotAnObject("array")
         );
     }
 }

@@ -2,6 +2,9 @@
 //! envelope transfers and the state a view's section holds. Merging replaces whole fields and
 //! encoding copies their text, so that folding and writing a view build no tree per value.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -15,8 +18,72 @@ use crate::small_map::SmallMap;
 pub enum Fields {
     /// An object, field name to the field's JSON text.
     Object(SmallMap<Name, Box<RawValue>>),
+    /// An object read out of a larger JSON text (an envelope's payload), its fields kept as
+    /// spans of that text: reading it allocates nothing per field.
+    Shared(SharedObject),
     /// Anything but an object, as JSON text.
     Other(Box<RawValue>),
+}
+
+/// Where a part of a JSON text lies in it, in bytes.
+pub(crate) type Span = Range<usize>;
+
+/// The span of `part`, a slice of `text`, within it.
+pub(crate) fn span_of(text: &str, part: &str) -> Span {
+    let start = part.as_ptr() as usize - text.as_ptr() as usize;
+    debug_assert!(start + part.len() <= text.len(), "a slice of the text");
+    start..start + part.len()
+}
+
+/// An object's fields as spans of a JSON text it shares with others.
+#[derive(Clone, Debug)]
+pub struct SharedObject {
+    text: Arc<str>,
+    fields: SmallMap<Name, Span>,
+}
+
+impl SharedObject {
+    /// The JSON text of field `name`.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).map(|span| &self.text[span.clone()])
+    }
+
+    /// The fields in name order, each with its JSON text.
+    fn iter(&self) -> impl Iterator<Item = (&Name, &str)> {
+        self.fields
+            .iter()
+            .map(|(name, span)| (name, &self.text[span.clone()]))
+    }
+}
+
+/// A small map's entries in key order.
+type Entries<'a, V> = <Vec<(Name, V)> as litemap::store::StoreIterable<'a, Name, V>>::KeyValueIter;
+
+/// An object's fields in name order, each with its JSON text, whichever way they are held.
+enum Pairs<'a> {
+    Object(Entries<'a, Box<RawValue>>),
+    Shared(&'a str, Entries<'a, Span>),
+}
+
+impl<'a> Iterator for Pairs<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Pairs::Object(fields) => fields.next().map(|(name, raw)| (name.as_str(), raw.get())),
+            Pairs::Shared(text, fields) => fields
+                .next()
+                .map(|(name, span)| (name.as_str(), &text[span.clone()])),
+        }
+    }
+
+    // Exact: a binary format writes a sequence's length first.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Pairs::Object(fields) => fields.size_hint(),
+            Pairs::Shared(_, fields) => fields.size_hint(),
+        }
+    }
 }
 
 impl Default for Fields {
@@ -29,12 +96,35 @@ impl Default for Fields {
 impl Fields {
     /// Later fields overwrite earlier ones; anything but two objects is replaced whole.
     pub fn merge(self, next: Fields) -> Fields {
-        match (self, next) {
+        match (self.into_owned(), next.into_owned()) {
             (Fields::Object(mut prev), Fields::Object(next)) => {
                 prev.extend(next);
                 Fields::Object(prev)
             }
             (_, next) => next,
+        }
+    }
+
+    /// The same value, a shared object's fields copied out of the text they share (to be kept
+    /// in a view: the text is the whole envelope).
+    pub(crate) fn into_owned(self) -> Fields {
+        match self {
+            Fields::Shared(shared) => Fields::Object(
+                shared
+                    .iter()
+                    .map(|(name, text)| (name.clone(), raw(text)))
+                    .collect(),
+            ),
+            fields => fields,
+        }
+    }
+
+    /// An object's fields in name order, each with its JSON text; `None` for anything else.
+    fn pairs(&self) -> Option<Pairs<'_>> {
+        match self {
+            Fields::Object(fields) => Some(Pairs::Object(fields.iter())),
+            Fields::Shared(shared) => Some(Pairs::Shared(&shared.text, shared.fields.iter())),
+            Fields::Other(_) => None,
         }
     }
 
@@ -47,22 +137,28 @@ impl Fields {
         match self {
             Fields::Object(fields) => {
                 let (name, rest) = first_token(pointer)?;
-                value_at(fields.get(name.as_ref())?, rest)
+                value_at(fields.get(name.as_ref())?.get(), rest)
             }
-            Fields::Other(raw) => value_at(raw, pointer),
+            Fields::Shared(shared) => {
+                let (name, rest) = first_token(pointer)?;
+                value_at(shared.get(name.as_ref())?, rest)
+            }
+            Fields::Other(raw) => value_at(raw.get(), pointer),
         }
     }
 
     /// The whole value, decoded.
     pub fn to_value(&self) -> Value {
         match self {
-            Fields::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(name, raw)| (name.to_string(), decode(raw)))
+            Fields::Other(raw) => decode(raw.get()),
+            object => Value::Object(
+                object
+                    .pairs()
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, text)| (name.to_string(), decode(text)))
                     .collect(),
             ),
-            Fields::Other(raw) => decode(raw),
         }
     }
 }
@@ -84,11 +180,14 @@ pub(crate) enum FieldsText<'a, P> {
 }
 
 /// An object's fields as (name, JSON text) pairs, written straight from its map.
-struct PairsText<'a>(&'a SmallMap<Name, Box<RawValue>>);
+struct PairsText<'a>(&'a Fields);
 
 impl Serialize for PairsText<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|(name, raw)| (name.as_str(), raw.get())))
+        match self.0.pairs() {
+            Some(pairs) => serializer.collect_seq(pairs),
+            None => serializer.collect_seq(std::iter::empty::<(&str, &str)>()),
+        }
     }
 }
 
@@ -116,32 +215,30 @@ impl Fields {
         &'a self,
         stored: Option<StoredFields<'a>>,
     ) -> Option<MergedText<'a>> {
-        Some(match (stored, self) {
-            (Some(StoredFields::Object(prev)), Fields::Object(next)) => {
-                if !prev.windows(2).all(|w| w[0].0 < w[1].0) {
-                    return None;
-                }
-                let mut merged = Vec::with_capacity(prev.len() + next.len());
-                let mut prev = prev.into_iter().peekable();
-                for (name, raw) in next.iter() {
-                    let (name, text) = (name.as_str(), raw.get());
-                    while let Some(earlier) = prev.next_if(|(p, _)| *p < name) {
-                        merged.push(earlier);
-                    }
-                    // The later value of a name replaces the stored one.
-                    prev.next_if(|(p, _)| *p == name);
-                    merged.push((name, text));
-                }
-                merged.extend(prev);
-                FieldsText::Object(merged)
+        let Some(next) = self.pairs() else {
+            return match self {
+                Fields::Other(raw) => Some(FieldsText::Other(raw.get())),
+                _ => None,
+            };
+        };
+        let Some(StoredFields::Object(prev)) = stored else {
+            return Some(FieldsText::Object(next.collect()));
+        };
+        if !prev.windows(2).all(|w| w[0].0 < w[1].0) {
+            return None;
+        }
+        let mut merged = Vec::with_capacity(prev.len() + 8);
+        let mut prev = prev.into_iter().peekable();
+        for (name, text) in next {
+            while let Some(earlier) = prev.next_if(|(p, _)| *p < name) {
+                merged.push(earlier);
             }
-            (_, Fields::Object(next)) => FieldsText::Object(
-                next.iter()
-                    .map(|(name, raw)| (name.as_str(), raw.get()))
-                    .collect(),
-            ),
-            (_, Fields::Other(raw)) => FieldsText::Other(raw.get()),
-        })
+            // The later value of a name replaces the stored one.
+            prev.next_if(|(p, _)| *p == name);
+            merged.push((name, text));
+        }
+        merged.extend(prev);
+        Some(FieldsText::Object(merged))
     }
 }
 
@@ -238,13 +335,18 @@ impl Serialize for Fields {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if !serializer.is_human_readable() {
             return match self {
-                Fields::Object(fields) => FieldsText::Object(PairsText(fields)),
                 Fields::Other(raw) => FieldsText::Other(raw.get()),
+                object => FieldsText::Object(PairsText(object)),
             }
             .serialize(serializer);
         }
         match self {
             Fields::Object(fields) => fields.serialize(serializer),
+            Fields::Shared(shared) => serializer.collect_map(
+                shared
+                    .iter()
+                    .map(|(name, text)| (name.as_str(), raw_ref(text))),
+            ),
             Fields::Other(raw) => raw.serialize(serializer),
         }
     }
@@ -410,9 +512,9 @@ pub(crate) fn first_token(pointer: &str) -> Option<(std::borrow::Cow<'_, str>, &
     Some((token, rest))
 }
 
-/// The value at `pointer` within the JSON text `raw`, decoded.
-pub(crate) fn value_at(raw: &RawValue, pointer: &str) -> Option<Value> {
-    let mut value = decode(raw);
+/// The value at `pointer` within the JSON text `text`, decoded.
+pub(crate) fn value_at(text: &str, pointer: &str) -> Option<Value> {
+    let mut value = decode(text);
     if pointer.is_empty() {
         return Some(value);
     }
@@ -420,8 +522,99 @@ pub(crate) fn value_at(raw: &RawValue, pointer: &str) -> Option<Value> {
 }
 
 /// Decodes JSON text that serde_json already checked, so it cannot fail; `null` if it did.
-pub(crate) fn decode(raw: &RawValue) -> Value {
-    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+pub(crate) fn decode(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// JSON text that serde_json already checked, as a raw value; `null` if it was not JSON.
+fn raw_ref(text: &str) -> &RawValue {
+    serde_json::from_str(text).unwrap_or(RawValue::NULL)
+}
+
+/// [`raw_ref`], owned.
+fn raw(text: &str) -> Box<RawValue> {
+    raw_ref(text).to_owned()
+}
+
+/// Reads a JSON value out of `text` as [`Fields`], an object's fields as spans of `text`
+/// ([`Fields::Shared`]); `text` must be the text being deserialized.
+pub(crate) struct SharedSeed<'t> {
+    /// The text the deserializer reads.
+    pub text: &'t Arc<str>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for SharedSeed<'_> {
+    type Value = Fields;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Fields, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SharedSeed<'_> {
+    type Value = Fields;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Fields, A::Error> {
+        let fields = read_spans(self.text, map)?;
+        Ok(Fields::Shared(SharedObject {
+            text: self.text.clone(),
+            fields,
+        }))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Fields, A::Error> {
+        FieldsVisitor.visit_seq(seq)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Fields, E> {
+        FieldsVisitor.visit_unit()
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Fields, E> {
+        FieldsVisitor.visit_none()
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Fields, E> {
+        FieldsVisitor.visit_bool(v)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Fields, E> {
+        FieldsVisitor.visit_i64(v)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Fields, E> {
+        FieldsVisitor.visit_u64(v)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Fields, E> {
+        FieldsVisitor.visit_f64(v)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Fields, E> {
+        FieldsVisitor.visit_str(v)
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Fields, E> {
+        FieldsVisitor.visit_string(v)
+    }
+}
+
+/// Reads the rest of an object from `map`, each field as the span of its JSON text in `text`
+/// (which `map` must be reading), a later field of a name winning.
+pub(crate) fn read_spans<'de, A: serde::de::MapAccess<'de>>(
+    text: &str,
+    mut map: A,
+) -> Result<SmallMap<Name, Span>, A::Error> {
+    let mut fields = SmallMap::new();
+    while let Some(name) = map.next_key::<Name>()? {
+        let raw = map.next_value::<&'de RawValue>()?;
+        fields.insert(name, span_of(text, raw.get()));
+    }
+    Ok(fields)
 }
 
 #[cfg(test)]

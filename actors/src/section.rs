@@ -297,15 +297,22 @@ mod tests {
 
     #[test]
     fn folding_stored_bytes_writes_what_changing_the_decoded_section_writes() {
-        let payloads = [
+        let texts = [
             r#"{"total":3.5,"zz":null,"address":[1],"a":"x"}"#,
             r#"{"é":{"k":1}}"#,
             "{}",
             "[3]",
             "7",
-        ]
-        .map(fields);
-        for payload in &payloads {
+        ];
+        // Each payload read alone, and as an envelope holds it (spans of the envelope's text).
+        let as_read = |text: &str| {
+            crate::envelope::Envelope::from_text(&format!(r#"{{"code": "C", "payload": {text}}}"#))
+                .expect("an envelope")
+                .payload
+                .expect("a payload")
+        };
+        let payloads = texts.map(fields).into_iter().chain(texts.map(as_read));
+        for payload in &payloads.collect::<Vec<_>>() {
             for stored in sections() {
                 let section = Section::Encoded(postcard::to_allocvec(&stored).expect("a").into());
                 let folded = Section::folded(Some(&section), &HEAD, payload)
