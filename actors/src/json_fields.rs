@@ -86,6 +86,8 @@ impl<'a> Iterator for Pairs<'a> {
     }
 }
 
+impl ExactSizeIterator for Pairs<'_> {}
+
 impl Default for Fields {
     /// JSON `null`.
     fn default() -> Self {
@@ -215,11 +217,9 @@ impl Fields {
         &'a self,
         stored: Option<StoredFields<'a>>,
     ) -> Option<MergedText<'a>> {
-        let Some(next) = self.pairs() else {
-            return match self {
-                Fields::Other(raw) => Some(FieldsText::Other(raw.get())),
-                _ => None,
-            };
+        let next = match self {
+            Fields::Other(raw) => return Some(FieldsText::Other(raw.get())),
+            object => object.pairs()?,
         };
         let Some(StoredFields::Object(prev)) = stored else {
             return Some(FieldsText::Object(next.collect()));
@@ -227,7 +227,7 @@ impl Fields {
         if !prev.windows(2).all(|w| w[0].0 < w[1].0) {
             return None;
         }
-        let mut merged = Vec::with_capacity(prev.len() + 8);
+        let mut merged = Vec::with_capacity(prev.len() + next.len());
         let mut prev = prev.into_iter().peekable();
         for (name, text) in next {
             while let Some(earlier) = prev.next_if(|(p, _)| *p < name) {
@@ -605,7 +605,7 @@ impl<'de> serde::de::Visitor<'de> for SharedSeed<'_> {
 
 /// Reads the rest of an object from `map`, each field as the span of its JSON text in `text`
 /// (which `map` must be reading), a later field of a name winning.
-pub(crate) fn read_spans<'de, A: serde::de::MapAccess<'de>>(
+fn read_spans<'de, A: serde::de::MapAccess<'de>>(
     text: &str,
     mut map: A,
 ) -> Result<SmallMap<Name, Span>, A::Error> {
