@@ -28,22 +28,20 @@ pub struct SourceSection {
     pub state: Fields,
 }
 
-/// A [`SourceSection`] as stored, read without building it: its strings borrowed and its payload
+/// A [`SourceSection`] as stored, read without building it: its head borrowed and its payload
 /// fields as `S` reads them (skipped to check the shape, or as (name, JSON text) pairs for an
-/// event to fold into). It must follow `SourceSection` field for field (the tests below pin it).
+/// event to fold into). postcard writes a struct as its fields one after the other, so a head
+/// and a state encode as `SourceSection`'s fields do (the tests below pin it).
 #[derive(Deserialize)]
 struct StoredSection<'a, S> {
     #[serde(borrow)]
-    _code: &'a str,
-    #[serde(borrow)]
-    _message_id: &'a str,
-    _partition: i32,
-    _offset: i64,
-    _timestamp_ms: i64,
+    _head: SectionHead<'a>,
     state: S,
 }
 
-/// What an event sets in its source's section besides the payload fields.
+/// What an event sets in its source's section besides the payload fields: `SourceSection`'s
+/// fields before its state, in their order.
+#[derive(Deserialize, Serialize)]
 pub(crate) struct SectionHead<'a> {
     /// The event's code.
     pub code: &'a str,
@@ -57,15 +55,11 @@ pub(crate) struct SectionHead<'a> {
     pub timestamp_ms: i64,
 }
 
-/// A section written from borrowed parts; it must follow `SourceSection` field for field, so
-/// that it encodes to the same bytes (the tests below pin it).
+/// A section written from borrowed parts, encoding to the bytes of the `SourceSection` it stands
+/// for (see [`StoredSection`]).
 #[derive(Serialize)]
 struct SectionText<'a, S> {
-    code: &'a str,
-    message_id: &'a str,
-    partition: i32,
-    offset: i64,
-    timestamp_ms: i64,
+    head: &'a SectionHead<'a>,
     state: S,
 }
 
@@ -135,14 +129,7 @@ impl Section {
         let Some(state) = payload.merged_over(stored.map(|s| s.state)) else {
             return Ok(None);
         };
-        let text = SectionText {
-            code: head.code,
-            message_id: head.message_id,
-            partition: head.partition,
-            offset: head.offset,
-            timestamp_ms: head.timestamp_ms,
-            state,
-        };
+        let text = SectionText { head, state };
         // Strings and integers always encode; should they not, the section is changed decoded.
         Ok(crate::view_codec::encode_part(&text).ok())
     }
@@ -332,11 +319,13 @@ mod tests {
     #[test]
     fn a_stored_section_out_of_key_order_is_changed_decoded() {
         let text = SectionText {
-            code: "ORDER_CREATED",
-            message_id: "93b8f927",
-            partition: 3,
-            offset: 2247,
-            timestamp_ms: 0,
+            head: &SectionHead {
+                code: "ORDER_CREATED",
+                message_id: "93b8f927",
+                partition: 3,
+                offset: 2247,
+                timestamp_ms: 0,
+            },
             state: FieldsText::Object(vec![("total", "2"), ("address", "{}")]),
         };
         let section = Section::Encoded(postcard::to_allocvec(&text).expect("encodes").into());
