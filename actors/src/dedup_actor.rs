@@ -1,7 +1,9 @@
 //! The dedup actor: owns the store and its ledger (see [`crate::ledger`], through which entity
 //! actors check message ids and stage their views), and writes each event's marker together with
-//! the view it produced in one atomic batch (group commit on an interval). Offsets complete only
-//! after the batch that covers them is flushed. Each batch's views go to the changelog first.
+//! the view it produced in one atomic batch (group commit on an interval; a large write is applied
+//! in parts of a few hundred views, each with its views' markers, so that view loads take turns
+//! with them). Offsets complete only after every part of the write that covers them is flushed.
+//! Each write's views go to the changelog first.
 //! Writes are pipelined on blocking threads: one is encoded and sent to the changelog while the
 //! one before it is written to the store; meanwhile the ledger stages the next and answers checks
 //! and loads from the writes under way until each is stored. It runs on a thread of its own, so
@@ -63,36 +65,47 @@ pub struct Release;
 #[rtype(result = "Result<(), StoreError>")]
 pub struct FlushNow;
 
-/// A taken write, encoded: the store batch and the changelog records of its views.
+/// Views in one atomic part of a write: a part holds its views with the markers of the events
+/// they hold, so a write may be applied a part at a time, and view loads take turns with the
+/// parts instead of waiting for the whole write (sled's batch blocks every read).
+const VIEWS_PER_PART: usize = 256;
+
+/// A taken write, encoded: the store batches of its parts and the changelog records of its
+/// views.
 struct Encoded {
-    batch: WriteBatch,
+    parts: Vec<WriteBatch>,
     records: Vec<ChangelogRecord>,
 }
 
-/// Encodes a taken write into a store batch and, with a changelog, its records.
+/// Encodes a taken write into store batches of [`VIEWS_PER_PART`] views each, every view with
+/// the markers of the events it holds, and, with a changelog, its records.
 fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
-    let mut batch = WriteBatch::default();
+    let mut parts = Vec::with_capacity(staged.views.len().div_ceil(VIEWS_PER_PART));
     let mut records = Vec::new();
-    for (partition, ids) in &staged.markers {
-        for id in ids {
-            batch.add_marker(*partition, id);
+    for (i, (view, markers)) in staged.views.values().enumerate() {
+        if i % VIEWS_PER_PART == 0 {
+            parts.push(WriteBatch::default());
         }
-    }
-    for (view, markers) in staged.views.values() {
+        let Some(part) = parts.last_mut() else {
+            unreachable!("a part was pushed for the first view");
+        };
         let encoded = view_codec::encode(view).map_err(|e| StoreError::Write(e.to_string()))?;
         if changelog {
             records.push(ChangelogRecord::of_view(view, &encoded, markers));
         }
+        for id in markers {
+            part.add_marker(view.partition, id);
+        }
         // Every stored view holds at least one event: one that holds only this write's is new.
         let new = view.events_applied == markers.len() as u64;
-        batch.put_encoded_view(view.partition, &view.key, encoded, Some(new));
+        part.put_encoded_view(view.partition, &view.key, encoded, Some(new));
     }
-    Ok(Encoded { batch, records })
+    Ok(Encoded { parts, records })
 }
 
-/// A write encoded and its views sent to the changelog: the store batch, the number of records
-/// sent, and the changelog offset each changelog partition reached.
-type Prepared = (WriteBatch, u64, HashMap<i32, i64>);
+/// A write encoded and its views sent to the changelog: the store batches of its parts, the
+/// number of records sent, and the changelog offset each changelog partition reached.
+type Prepared = (Vec<WriteBatch>, u64, HashMap<i32, i64>);
 
 /// Encodes a write on a blocking thread (its views are snapshots the entity actors no longer
 /// change) and sends its views to the changelog, if any.
@@ -104,13 +117,13 @@ async fn prepare(
     let encoded = tokio::task::spawn_blocking(move || encode(&staged, with_changelog))
         .await
         .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
-    let Encoded { batch, records } = encoded.map_err(WriteFailure::Store)?;
+    let Encoded { parts, records } = encoded.map_err(WriteFailure::Store)?;
     let sent = records.len() as u64;
     let ends = match &changelog {
         Some(sink) if !records.is_empty() => sink.send(records).await,
         _ => Ok(HashMap::new()),
     };
-    Ok((batch, sent, ends.map_err(WriteFailure::Changelog)?))
+    Ok((parts, sent, ends.map_err(WriteFailure::Changelog)?))
 }
 
 /// Text of a caught panic.
@@ -319,17 +332,25 @@ impl DedupActor {
                 // An earlier write failed and took this one back with it.
                 return Err(WriteFailure::PutBack);
             }
-            let (mut batch, sent, ends) = match prepared {
+            let (mut parts, sent, ends) = match prepared {
                 Ok(prepared) => prepared,
                 Err(failure) => {
                     ledger.put_back(seq);
                     return Err(failure);
                 }
             };
-            for (partition, next) in ends {
-                batch.set_changelog_offset(partition, next);
+            // The store holds the changelog up to these offsets once every part is applied.
+            if parts.is_empty() {
+                parts.push(WriteBatch::default());
             }
-            let (markers, views) = (batch.markers as u64, batch.views as u64);
+            if let Some(last) = parts.last_mut() {
+                for (partition, next) in ends {
+                    last.set_changelog_offset(partition, next);
+                }
+            }
+            let (markers, views) = parts.iter().fold((0, 0), |(m, v), part| {
+                (m + part.markers as u64, v + part.views as u64)
+            });
             // Entered here, on the actor's thread, so that a restart can wait for it to end.
             let entered = gate.enter();
             let ledger_after = ledger.clone();
@@ -341,8 +362,15 @@ impl DedupActor {
                 let writing = Instant::now();
                 // A panic is caught here, so that the work is put back before the next write's
                 // store stage may begin.
-                let written = std::panic::catch_unwind(AssertUnwindSafe(|| store.write(batch)))
-                    .unwrap_or_else(|panic| Err(StoreError::Write(panic_message(&panic))));
+                // A part applied before one that fails stays applied: its views and markers
+                // agree. The write is taken back and written again whole later; its markers
+                // already stored are not added twice, and its views are replaced.
+                let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    parts
+                        .into_iter()
+                        .try_fold(0, |expired, part| Ok(expired + store.write(part)?))
+                }))
+                .unwrap_or_else(|panic| Err(StoreError::Write(panic_message(&panic))));
                 let expired = match written {
                     Ok(expired) => expired,
                     Err(e) => {
@@ -583,9 +611,11 @@ mod tests {
         staged
             .views
             .insert("stored".into(), (view("stored", 5), vec!["m3".into()]));
-        let Encoded { batch, records } = encode(&staged, true).expect("encodes");
-        assert_eq!((batch.views, records.len()), (2, 2));
-        store.write(batch).expect("written");
+        let Encoded { parts, records } = encode(&staged, true).expect("encodes");
+        assert_eq!((parts.len(), parts[0].views, records.len()), (1, 2, 2));
+        for part in parts {
+            store.write(part).expect("written");
+        }
         assert_eq!(
             store.entities_of_partition(0).expect("index"),
             vec!["new".to_string()],
@@ -595,5 +625,53 @@ mod tests {
             store.load("stored").expect("read"),
             Some((*view("stored", 5)).clone())
         );
+    }
+
+    #[test]
+    fn a_write_is_encoded_in_parts_each_holding_its_views_with_their_markers() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let mut staged = Staged::default();
+        let count = 2 * VIEWS_PER_PART + 10;
+        for i in 0..count {
+            let key = format!("k{i}");
+            let partition = (i % 4) as i32;
+            let ids: Vec<String> = (0..1 + i % 3).map(|j| format!("m{i}-{j}")).collect();
+            let mut view = Aggregate::new(key.clone(), partition);
+            view.events_applied = ids.len() as u64;
+            for id in &ids {
+                staged
+                    .markers
+                    .entry(partition)
+                    .or_default()
+                    .insert(id.clone());
+            }
+            staged.views.insert(key, (Arc::new(view), ids));
+        }
+        let Encoded { parts, records } = encode(&staged, false).expect("encodes");
+        assert!(records.is_empty());
+        let sizes: Vec<usize> = parts.iter().map(|p| p.views).collect();
+        assert_eq!(sizes, [VIEWS_PER_PART, VIEWS_PER_PART, 10]);
+        let markers: usize = parts.iter().map(|p| p.markers).sum();
+        let staged_markers: usize = staged.markers.values().map(|ids| ids.len()).sum();
+        assert_eq!(markers, staged_markers, "every staged marker is in a part");
+
+        // Only the first part applied, as when a later one fails: every view it holds has all
+        // of its markers stored, and no other view has any.
+        let first = parts.into_iter().next().expect("a part");
+        store.write(first).expect("written");
+        let mut stored_views = 0;
+        for (key, (view, ids)) in &staged.views {
+            let stored = store.load(key).expect("read").is_some();
+            stored_views += usize::from(stored);
+            for id in ids {
+                assert_eq!(
+                    store.has_marker(view.partition, id).expect("read"),
+                    stored,
+                    "marker {id} of {key} is stored with its view, and only with it"
+                );
+            }
+        }
+        assert_eq!(stored_views, VIEWS_PER_PART);
     }
 }

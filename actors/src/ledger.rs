@@ -266,6 +266,16 @@ impl Ledger {
         self.lock().latest_view(key)
     }
 
+    /// Runs `reads` (loads) in a turn of the store's of their own, between its batches (see
+    /// [`Store::reading`]); at once when the store is released.
+    pub fn reading<R>(&self, reads: impl FnOnce() -> R) -> R {
+        let store = self.lock().store.clone();
+        match store {
+            Some(store) => store.reading(reads),
+            None => reads(),
+        }
+    }
+
     /// The latest view of `key`: staged, being written, or else stored. The ledger is asked
     /// first, and a write leaves it only once the store has it, so nothing newer is missed.
     pub fn load(&self, key: &str) -> Result<Option<Arc<Aggregate>>, StoreError> {

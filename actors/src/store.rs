@@ -3,9 +3,9 @@
 //!
 //! Keys: `e/{entity}` holds the view ([`crate::view_codec`]); `p/{partition:05}/{entity}`
 //! indexes entities by partition so that one partition's state can be read out alone (written
-//! with a view's first write only); `d/{partition:05}/{seq:020}` holds the message ids one write
+//! with a view's first write only); `d/{partition:05}/{seq:020}` holds the message ids one batch
 //! marked as applied in the partition (see [`crate::marker_index`]: one entry per partition per
-//! write, looked up in memory, expired whole once the dedup window has passed all its ids);
+//! batch, looked up in memory, expired whole once the dedup window has passed all its ids);
 //! `c/{partition:05}` is the changelog offset up to which the partition's state is in the store.
 
 use std::path::{Path, PathBuf};
@@ -68,6 +68,11 @@ pub struct Store {
     markers: Arc<Mutex<MarkerIndex>>,
     /// Held for a whole write, so that one write's plan is committed before the next is made.
     writing: Arc<Mutex<()>>,
+    /// Taken by each batch applied and by each round of reads that asks for it
+    /// ([`Store::reading`]), and handed over fairly between them: sled 0.34's `apply_batch`
+    /// holds a lock that every read waits for, so without turns a round of reads waited for
+    /// every batch queued before it (view loads took 0.77 s on average under full load).
+    turn: Arc<parking_lot::Mutex<()>>,
     /// Held for a whole flush: flushes run one at a time (see [`Store::flush`]).
     flushing: Arc<tokio::sync::Mutex<()>>,
     /// When the write under way began.
@@ -196,6 +201,7 @@ impl Store {
             faults: FaultInjector::default(),
             markers: Arc::new(Mutex::new(markers)),
             writing: Arc::new(Mutex::new(())),
+            turn: Arc::default(),
             flushing: Arc::new(tokio::sync::Mutex::new(())),
             write_since: Arc::default(),
             flush_since: Arc::default(),
@@ -225,6 +231,15 @@ impl Store {
                     })
             }
         }
+    }
+
+    /// Runs `reads` (of this store) in a turn of their own between batches applied: a batch
+    /// waits for them to end, and they wait for at most the batch under way.
+    pub fn reading<R>(&self, reads: impl FnOnce() -> R) -> R {
+        let turn = self.turn.lock();
+        let read = reads();
+        parking_lot::MutexGuard::unlock_fair(turn);
+        read
     }
 
     /// Whether `message_id` of `partition` has been applied.
@@ -260,9 +275,11 @@ impl Store {
             }
         }
         let applying = Instant::now();
+        let turn = self.turn.lock();
         self.db
             .apply_batch(batch)
             .map_err(|e| StoreError::Write(e.to_string()))?;
+        parking_lot::MutexGuard::unlock_fair(turn);
         tracing::debug!(
             views = viewed.len(),
             markers = marked.len(),
@@ -474,6 +491,33 @@ mod tests {
             vec!["C1".to_string()]
         );
         assert!(store.entities_of_partition(4).unwrap().is_empty());
+    }
+
+    /// A batch waits for a round of reads under way ([`Store::reading`]) and is applied once it
+    /// ends; reads in their turn are not blocked by writes queued meanwhile.
+    #[test]
+    fn a_write_waits_for_a_round_of_reads_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s")).unwrap();
+        let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (writer, done) = (store.clone(), written.clone());
+        let round = store.reading(|| {
+            let handle = std::thread::spawn(move || {
+                let mut batch = WriteBatch::default();
+                batch.put_view(&Aggregate::new("C1", 0)).unwrap();
+                writer.write(batch).unwrap();
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let during = written.load(std::sync::atomic::Ordering::SeqCst);
+            let read = store.load("C1").unwrap();
+            (handle, during, read)
+        });
+        let (handle, during, read) = round;
+        assert!(!during, "the batch was applied during the round of reads");
+        assert!(read.is_none(), "the round read a view written during it");
+        handle.join().unwrap();
+        assert!(store.load("C1").unwrap().is_some());
     }
 
     /// The service flushes after every write while the next write's batch is applied and views

@@ -65,19 +65,29 @@ impl ViewLoader {
             .name("view-loader".into())
             .spawn(move || {
                 while let Ok(first) = incoming.recv() {
-                    let mut batch = Vec::new();
+                    let mut requests = Vec::new();
                     for work in
                         std::iter::once(first).chain(incoming.try_iter().take(MAX_BATCH - 1))
                     {
                         match work {
-                            Work::Load(request) => {
-                                let loaded = ledger.load(&request.key);
-                                batch.push((request, loaded));
-                            }
+                            Work::Load(request) => requests.push(request),
                             Work::Retire(view) => drop(view),
                         }
                     }
-                    if !batch.is_empty() && answer.send(batch).is_err() {
+                    if requests.is_empty() {
+                        continue;
+                    }
+                    // One turn for the whole round: each read alone would wait for a batch.
+                    let batch = ledger.reading(|| {
+                        requests
+                            .into_iter()
+                            .map(|request| {
+                                let loaded = ledger.load(&request.key);
+                                (request, loaded)
+                            })
+                            .collect()
+                    });
+                    if answer.send(batch).is_err() {
                         return;
                     }
                 }
