@@ -328,11 +328,15 @@ impl Ledger {
     /// loads. Returns the records it completes and the sources of the events it applied; `None`
     /// if it is not the oldest write under way (a reset forgot it, or it was put back).
     pub(crate) fn written(&self, seq: u64) -> Option<(Vec<Origin>, Vec<usize>)> {
-        let mut state = self.lock();
-        if state.writing.front()?.seq != seq {
-            return None;
-        }
-        let w = state.writing.pop_front()?;
+        let w = {
+            let mut state = self.lock();
+            if state.writing.front()?.seq != seq {
+                return None;
+            }
+            state.writing.pop_front()?
+        };
+        // Its views and markers are freed here, after the lock: a large write's take
+        // milliseconds, which every check, fold and load would wait for.
         Some((w.done, w.applied))
     }
 
