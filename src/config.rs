@@ -252,7 +252,8 @@ impl Default for HttpConfig {
 pub struct TuningConfig {
     /// Milliseconds between offset commits.
     pub commit_interval_ms: u64,
-    /// Records in flight per partition before consumption of it pauses (resumes at half).
+    /// Records in flight per partition before consumption of it pauses (resumes with an eighth
+    /// free).
     pub max_in_flight_per_partition: usize,
     /// Milliseconds without events after which an entity actor passivates (its view stays stored).
     pub entity_idle_ms: u64,

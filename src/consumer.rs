@@ -48,6 +48,32 @@ pub const FETCH_SETTINGS: [(&str, &str); 2] = [
     ("fetch.wait.max.ms", "10"),
 ];
 
+/// What flow control does to a partition.
+#[derive(Debug, PartialEq)]
+enum Flow {
+    Pause,
+    Resume,
+}
+
+/// Part of the in-flight window that must be free before a paused partition resumes. Resuming at
+/// half the window, the partitions held three quarters of it on average and the service waited
+/// on a half-empty pipeline (`bench --events 1000000`, alternating runs: 40,422 / 34,498 /
+/// 33,408 / 34,277 events/s resuming at an eighth, against 30,866 / 35,771 / 30,141 / 31,428 at
+/// half); the gap keeps a partition from being paused and resumed at every poll.
+const RESUME_FREE_PART: i64 = 8;
+
+/// Pauses a running partition whose `window` is full, resumes a paused one with a
+/// [`RESUME_FREE_PART`] of it free (one record at least); `None` leaves it as it is.
+fn flow(paused: bool, in_flight: i64, window: i64) -> Option<Flow> {
+    if !paused && in_flight >= window {
+        Some(Flow::Pause)
+    } else if paused && in_flight <= window - (window / RESUME_FREE_PART).max(1) {
+        Some(Flow::Resume)
+    } else {
+        None
+    }
+}
+
 /// A live partition: its supervisor and its figures.
 struct Assigned {
     addr: Addr<PartitionSupervisor>,
@@ -595,20 +621,20 @@ impl PollLoop {
         }
     }
 
-    /// Pauses partitions whose in-flight window is full; resumes them at half.
+    /// Pauses partitions whose in-flight window is full; resumes them once an eighth of it is
+    /// free ([`flow`]).
     fn flow_control(&self) {
         let assigned = self.consumer.context().assigned();
         let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
         for (tp, a) in assigned.iter() {
             let in_flight = a.stats.in_flight.load(Ordering::Relaxed);
             let paused = a.stats.paused.load(Ordering::Relaxed);
-            if !paused && in_flight >= self.window {
-                pause.add_partition(&tp.topic, tp.partition);
-                a.stats.paused.store(true, Ordering::Relaxed);
-            } else if paused && in_flight <= self.window / 2 {
-                resume.add_partition(&tp.topic, tp.partition);
-                a.stats.paused.store(false, Ordering::Relaxed);
-            }
+            match flow(paused, in_flight, self.window) {
+                Some(Flow::Pause) => pause.add_partition(&tp.topic, tp.partition),
+                Some(Flow::Resume) => resume.add_partition(&tp.topic, tp.partition),
+                None => continue,
+            };
+            a.stats.paused.store(!paused, Ordering::Relaxed);
         }
         drop(assigned);
         if pause.count() > 0 {
@@ -620,7 +646,7 @@ impl PollLoop {
         if resume.count() > 0 {
             tracing::debug!(
                 partitions = resume.count(),
-                "resuming: in-flight window half empty"
+                "resuming: an eighth of the in-flight window free"
             );
             if let Err(e) = self.consumer.resume(&resume) {
                 tracing::warn!("resume failed: {e}");
@@ -649,5 +675,28 @@ pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         finished: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_window_pauses_and_an_eighth_free_resumes() {
+        assert_eq!(flow(false, 2_000, 2_000), Some(Flow::Pause));
+        assert_eq!(flow(false, 1_999, 2_000), None);
+        assert_eq!(
+            flow(true, 1_751, 2_000),
+            None,
+            "still paused short of an eighth free"
+        );
+        assert_eq!(flow(true, 1_750, 2_000), Some(Flow::Resume));
+        assert_eq!(flow(true, 2_500, 2_000), None);
+        assert_eq!(flow(false, 0, 2_000), None);
+        // A window of one still pauses when full and resumes only when empty.
+        assert_eq!(flow(false, 1, 1), Some(Flow::Pause));
+        assert_eq!(flow(true, 1, 1), None);
+        assert_eq!(flow(true, 0, 1), Some(Flow::Resume));
     }
 }
