@@ -266,7 +266,7 @@ impl Ledger {
         self.lock().latest_view(key)
     }
 
-    /// Runs `reads` (loads) in a turn of the store's of their own, between its batches (see
+    /// Runs `reads` (loads) in a turn of their own between the store's batches (see
     /// [`Store::reading`]); at once when the store is released.
     pub fn reading<R>(&self, reads: impl FnOnce() -> R) -> R {
         let store = self.lock().store.clone();

@@ -70,8 +70,8 @@ pub struct Store {
     writing: Arc<Mutex<()>>,
     /// Taken by each batch applied and by each round of reads that asks for it
     /// ([`Store::reading`]), and handed over fairly between them: sled 0.34's `apply_batch`
-    /// holds a lock that every read waits for, so without turns a round of reads waited for
-    /// every batch queued before it (view loads took 0.77 s on average under full load).
+    /// holds a lock that every read waits for, for the whole batch, and a writer that takes it
+    /// again at once would keep reads out between batches too.
     turn: Arc<parking_lot::Mutex<()>>,
     /// Held for a whole flush: flushes run one at a time (see [`Store::flush`]).
     flushing: Arc<tokio::sync::Mutex<()>>,
