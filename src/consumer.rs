@@ -56,7 +56,8 @@ enum Flow {
 }
 
 /// Part of the in-flight window that must be free before a paused partition resumes. Resuming at
-/// half the window, the partitions held three quarters of it on average and the service waited
+/// half the window, a paused partition held between half and all of it, about three quarters on
+/// average, and the service waited
 /// on a half-empty pipeline (`bench --events 1000000`, alternating runs: 40,422 / 34,498 /
 /// 33,408 / 34,277 events/s resuming at an eighth, against 30,866 / 35,771 / 30,141 / 31,428 at
 /// half); the gap keeps a partition from being paused and resumed at every poll.
