@@ -56,11 +56,11 @@ enum Flow {
 }
 
 /// Part of the in-flight window that must be free before a paused partition resumes. Resuming at
-/// half the window, a paused partition held between half and all of it, about three quarters on
-/// average, and the service waited
-/// on a half-empty pipeline (`bench --events 1000000`, alternating runs: 40,422 / 34,498 /
-/// 33,408 / 34,277 events/s resuming at an eighth, against 30,866 / 35,771 / 30,141 / 31,428 at
-/// half); the gap keeps a partition from being paused and resumed at every poll.
+/// half the window, a partition held between half and all of it (about three quarters on
+/// average) and the service often waited on a pipeline half empty (`bench --events 1000000`,
+/// alternating runs: 40,422 / 34,498 / 33,408 / 34,277 events/s resuming at an eighth, against
+/// 30,866 / 35,771 / 30,141 / 31,428 at half); the gap keeps a partition from being paused and
+/// resumed at every poll.
 const RESUME_FREE_PART: i64 = 8;
 
 /// Pauses a running partition whose `window` is full, resumes a paused one with a
