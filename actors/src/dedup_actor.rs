@@ -81,18 +81,16 @@ struct Encoded {
     records: Vec<ChangelogRecord>,
 }
 
-/// Encodes a taken write into store batches of [`VIEWS_PER_PART`] views each, every view with
-/// the markers of the events it holds, and, with a changelog, its records.
+/// Encodes a taken write into store batches of [`VIEWS_PER_PART`] views each (one at least),
+/// every view with the markers of the events it holds, and, with a changelog, its records.
 fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
     let mut parts = Vec::with_capacity(staged.views.len().div_ceil(VIEWS_PER_PART));
+    let mut part = WriteBatch::default();
     let mut records = Vec::new();
-    for (i, (view, markers)) in staged.views.values().enumerate() {
-        if i % VIEWS_PER_PART == 0 {
-            parts.push(WriteBatch::default());
+    for (view, markers) in staged.views.values() {
+        if part.views == VIEWS_PER_PART {
+            parts.push(std::mem::take(&mut part));
         }
-        let Some(part) = parts.last_mut() else {
-            unreachable!("a part was pushed for the first view");
-        };
         let encoded = view_codec::encode(view).map_err(|e| StoreError::Write(e.to_string()))?;
         if changelog {
             records.push(ChangelogRecord::of_view(view, &encoded, markers));
@@ -104,6 +102,8 @@ fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
         let new = view.events_applied == markers.len() as u64;
         part.put_encoded_view(view.partition, &view.key, encoded, Some(new));
     }
+    // The last part, empty for a write without views: it still carries the changelog offsets.
+    parts.push(part);
     Ok(Encoded { parts, records })
 }
 
@@ -344,9 +344,6 @@ impl DedupActor {
                 }
             };
             // The store holds the changelog up to these offsets once every part is applied.
-            if parts.is_empty() {
-                parts.push(WriteBatch::default());
-            }
             if let Some(last) = parts.last_mut() {
                 for (partition, next) in ends {
                     last.set_changelog_offset(partition, next);
