@@ -30,7 +30,12 @@ async fn short_benchmark_completes_and_applies_every_event() {
     let options = short_options();
     let report = bench::run(config, options).await.unwrap();
     assert!(report.verified, "{}", bench::render(&report));
-    assert_eq!(report.baseline.events, 20_000);
+    assert_eq!(
+        report.baseline_runs.each_ref().map(|w| w.events),
+        [20_000, 20_000],
+        "the bare consumer ran before and after the service"
+    );
+    assert_eq!(report.baseline.events, 40_000, "its two runs taken as one");
     assert_eq!(report.aggregator.events, 20_000);
     assert_eq!(report.entities, 2_000);
     let latency = report.latency_ms.expect("latencies recorded");
