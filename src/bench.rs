@@ -163,7 +163,7 @@ pub struct BenchReport {
     /// The bare consumer, its two runs taken as one: the ratio's denominator.
     pub baseline: Workload,
     /// The bare consumer's run before the service's and its run after it: the ceiling is
-    /// measured on both sides of the service, since the shared machine's speed drifts.
+    /// measured on both sides of the service, since it is unsteady on a shared machine.
     pub baseline_runs: [Workload; 2],
     /// The full service.
     pub aggregator: Workload,
@@ -171,8 +171,8 @@ pub struct BenchReport {
     pub ratio: f64,
     /// Record timestamp to durable-and-committable, in milliseconds.
     pub latency_ms: Option<LatencySummary>,
-    /// Record timestamp to parsed by the bare consumer, in milliseconds: the floor the broker
-    /// and the client set.
+    /// Record timestamp to parsed by the bare consumer in its first run, in milliseconds: the
+    /// floor the broker and the client set.
     pub baseline_latency_ms: Option<LatencySummary>,
     /// Peak resident memory during the aggregator workload, in MiB.
     pub peak_rss_mib: f64,
