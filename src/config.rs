@@ -260,10 +260,11 @@ pub struct TuningConfig {
     pub entity_idle_ms: u64,
     /// Most live entity actors: beyond it, the idle ones that were sent an event least recently
     /// passivate first, which bounds the memory that views take whatever the number of entities.
-    /// A live entity takes about 2-4 KB of peak RSS (its view as stored, its actor), so the default
-    /// holds 200-400 MB; an event for one that is not live first reads its view back from the
-    /// store and starts its actor (about 40 us of the process's CPU, measured), so a bound above the number of entities in
-    /// use is the faster setting where memory allows, and a lower one saves memory.
+    /// A live entity takes about 2-4 KB of peak RSS (its view as stored, its actor), so the
+    /// default holds 200-400 MB; an event for one that is not live first reads its view back
+    /// from the store and starts its actor (about 40 us of the process's CPU, measured), so a
+    /// bound above the number of entities in use is the faster setting where memory allows, and
+    /// a lower one saves memory.
     pub max_live_entities: usize,
     /// Largest record value accepted; larger records are dead-lettered.
     pub max_value_bytes: usize,
