@@ -180,6 +180,13 @@ pub struct BenchReport {
     pub store_bytes: u64,
     /// Entities in the store.
     pub entities: u64,
+    /// The live-entity bound the service ran with (`tuning.max_live_entities`).
+    pub live_bound: usize,
+    /// Entity actors that passivated during the aggregator workload (idle, or beyond the bound).
+    pub passivations: u64,
+    /// Views the entity actors asked the store for: each entity's first actor's, and those of
+    /// actors started again after their entity passivated (unless the view was still staged).
+    pub view_loads: u64,
     /// Message ids remembered per partition.
     pub dedup_window: u64,
     /// Message-id markers in the store after the run (bounded by partitions x window).
@@ -459,6 +466,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     ];
     let store_bytes = running.topology.dedup.store_bytes.load(Ordering::Relaxed);
     let markers_expired = running.topology.snapshot(0).dedup.markers_expired;
+    let passivations = running.metrics.entity_passivations.get();
+    let view_loads = running.metrics.view_load_latency.get_sample_count();
     running.shutdown().await?;
 
     eprintln!(
@@ -502,6 +511,9 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         peak_rss_mib,
         store_bytes,
         entities,
+        live_bound: config.tuning.max_live_entities,
+        passivations,
+        view_loads,
         dedup_window: config.store.dedup_window,
         markers_kept,
         markers_expired,
@@ -545,6 +557,7 @@ pub fn render(r: &BenchReport) -> String {
          latency produce->committable: {latency}\n\
          latency produce->parsed (bare consumer): {baseline_latency}\n\
          peak RSS {:.0} MiB | store {:.1} MiB, {} entities\n\
+         live entities: bound {}, passivated {}, views loaded {} ({:.2} per event)\n\
          restart: serving {:.0} ms, ready {:.0} ms | without the shutdown's checkpoint (as after a \
          crash): serving {:.0} ms, ready {:.0} ms\n\
          dedup markers kept {} (window {} ids per partition), expired {}\n\
@@ -564,6 +577,10 @@ pub fn render(r: &BenchReport) -> String {
         r.peak_rss_mib,
         r.store_bytes as f64 / (1024.0 * 1024.0),
         r.entities,
+        r.live_bound,
+        r.passivations,
+        r.view_loads,
+        r.view_loads as f64 / r.events.max(1) as f64,
         r.restart_serving_ms,
         r.restart_ready_ms,
         r.recovery_serving_ms,

@@ -27,6 +27,8 @@ async fn short_benchmark_completes_and_applies_every_event() {
     // About 9,700 ids per partition; the producer runs at most `ahead` records ahead, which
     // bounds how far apart a duplicate and its original are consumed to well within the window.
     config.store.dedup_window = 8_000;
+    // Fewer live actors than keys, so that the service passivates and loads views again.
+    config.tuning.max_live_entities = 500;
     let options = short_options();
     let report = bench::run(config, options).await.unwrap();
     assert!(report.verified, "{}", bench::render(&report));
@@ -38,6 +40,17 @@ async fn short_benchmark_completes_and_applies_every_event() {
     assert_eq!(report.baseline.events, 40_000, "its two runs taken as one");
     assert_eq!(report.aggregator.events, 20_000);
     assert_eq!(report.entities, 2_000);
+    assert_eq!(report.live_bound, 500);
+    assert!(
+        report.passivations > 0,
+        "2,000 keys under a bound of 500 passivate: {}",
+        bench::render(&report)
+    );
+    assert!(
+        report.view_loads >= report.entities,
+        "every entity's first actor loads its view: {}",
+        bench::render(&report)
+    );
     let latency = report.latency_ms.expect("latencies recorded");
     assert_eq!(latency.count, 20_000);
     assert!(latency.p50 <= latency.p99 && latency.p99 <= latency.max);
