@@ -41,11 +41,14 @@ pub enum ConsumerError {
 
 /// How the consumer fetches; the bench's bare consumer fetches the same way, so that its latency
 /// is the floor of the service's.
-pub const FETCH_SETTINGS: [(&str, &str); 2] = [
+pub const FETCH_SETTINGS: [(&str, &str); 3] = [
     ("queued.max.messages.kbytes", "16384"),
     // librdkafka's 500 ms held records of quiet partitions back that long (the bench's p50
     // latency at 5,000 events/s: 340 ms, 29 ms with this); more fetches when idle.
     ("fetch.wait.max.ms", "10"),
+    // A consumer queue over the limit above holds every partition's next fetch back this long
+    // (librdkafka's 1,000 ms left the pipeline empty for up to a second once it drained).
+    ("fetch.queue.backoff.ms", "10"),
 ];
 
 /// What flow control does to a partition.
@@ -82,7 +85,12 @@ struct Assigned {
     /// Offset of the first record handed over since assignment, where a rewind goes when
     /// nothing was registered yet.
     first_offset: Option<i64>,
+    /// Broker leading the partition, from the client's statistics ([`NO_LEADER`] until known).
+    leader: i32,
 }
+
+/// Leader of a partition the client's statistics have not reported yet.
+const NO_LEADER: i32 = -1;
 
 /// Rebalance, statistics and commit callbacks, and the map of live partition supervisors.
 pub struct AggregatorContext {
@@ -310,6 +318,7 @@ impl AggregatorContext {
                     addr,
                     stats,
                     first_offset: None,
+                    leader: NO_LEADER,
                 },
             );
         }
@@ -331,6 +340,7 @@ impl ClientContext for AggregatorContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        let mut assigned = self.assigned();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 let tp = TopicPartition::new(topic.as_str(), *partition);
@@ -338,6 +348,9 @@ impl ClientContext for AggregatorContext {
                     if p.hi_offset >= 0 {
                         stats.high_watermark.store(p.hi_offset, Ordering::Relaxed);
                     }
+                }
+                if let Some(a) = assigned.get_mut(&tp) {
+                    a.leader = p.leader;
                 }
             }
         }
@@ -627,16 +640,23 @@ impl PollLoop {
     fn flow_control(&self) {
         let assigned = self.consumer.context().assigned();
         let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        let mut resumed = Vec::new();
         for (tp, a) in assigned.iter() {
             let in_flight = a.stats.in_flight.load(Ordering::Relaxed);
             let paused = a.stats.paused.load(Ordering::Relaxed);
             match flow(paused, in_flight, self.window) {
-                Some(Flow::Pause) => pause.add_partition(&tp.topic, tp.partition),
-                Some(Flow::Resume) => resume.add_partition(&tp.topic, tp.partition),
+                Some(Flow::Pause) => {
+                    pause.add_partition(&tp.topic, tp.partition);
+                }
+                Some(Flow::Resume) => {
+                    resume.add_partition(&tp.topic, tp.partition);
+                    resumed.push((tp, a.leader));
+                }
                 None => continue,
             };
             a.stats.paused.store(!paused, Ordering::Relaxed);
         }
+        let wake: Vec<TopicPartition> = one_per_leader(&resumed).into_iter().cloned().collect();
         drop(assigned);
         if pause.count() > 0 {
             tracing::debug!(partitions = pause.count(), "pausing: in-flight window full");
@@ -652,8 +672,32 @@ impl PollLoop {
             if let Err(e) = self.consumer.resume(&resume) {
                 tracing::warn!("resume failed: {e}");
             }
+            // librdkafka decides to fetch a resumed partition only when the thread of its
+            // leader's connection next wakes up, which, with all its partitions paused, is the
+            // next answer from that broker or a second later: the pipeline sat empty for up to a
+            // second after each drain. A request to each leader wakes its thread now; its
+            // answer is not needed, so a short wait is enough.
+            for tp in &wake {
+                let _ = self
+                    .consumer
+                    .fetch_watermarks(&tp.topic, tp.partition, WAKE_TIMEOUT);
+            }
         }
     }
+}
+
+/// Longest wait for the answer to a request that only wakes a broker connection's thread.
+const WAKE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// One partition of each leader among `resumed` (partition, leader), and every partition whose
+/// leader is not known yet.
+fn one_per_leader<'a>(resumed: &[(&'a TopicPartition, i32)]) -> Vec<&'a TopicPartition> {
+    let mut leaders = std::collections::HashSet::new();
+    resumed
+        .iter()
+        .filter(|(_, leader)| *leader == NO_LEADER || leaders.insert(*leader))
+        .map(|(tp, _)| *tp)
+        .collect()
 }
 
 /// Copies a polled message into a record the actors own.
@@ -682,6 +726,23 @@ pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_leader_of_resumed_partitions_is_woken_once() {
+        let tp = |p| TopicPartition::new("t", p);
+        let (a, b, c, d, e) = (tp(0), tp(1), tp(2), tp(3), tp(4));
+        let resumed = [(&a, 1), (&b, 2), (&c, 1), (&d, NO_LEADER), (&e, NO_LEADER)];
+        let woken: Vec<i32> = one_per_leader(&resumed)
+            .into_iter()
+            .map(|tp| tp.partition)
+            .collect();
+        assert_eq!(
+            woken,
+            vec![0, 1, 3, 4],
+            "leader 1 once, unknown leaders each"
+        );
+        assert!(one_per_leader(&[]).is_empty());
+    }
 
     #[test]
     fn a_full_window_pauses_and_an_eighth_free_resumes() {
