@@ -234,6 +234,8 @@ impl Feeder {
             config.rules()?.topics(),
             &[("linger.ms", linger.as_str())],
         )?;
+        // Connected before the first timed record, whose latency would include the connection.
+        producer.connect(CONNECT_TIMEOUT)?;
         let deliveries = producer.deliveries.clone();
         let generator = options.generator(config);
         let (events, ahead, rate) = (options.events, options.ahead, options.rate);
@@ -273,6 +275,9 @@ impl Feeder {
             .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?
     }
 }
+
+/// Longest wait for the bench producer's first answer from the broker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest wait for the bare consumer's group to form.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(120);

@@ -109,6 +109,17 @@ impl EventProducer {
         })
     }
 
+    /// Waits until the broker has answered for every topic this producer writes to, so that the
+    /// first records sent do not wait for a connection and the topics' leaders.
+    pub fn connect(&self, timeout: Duration) -> Result<(), KafkaError> {
+        for topic in &self.topics {
+            self.producer
+                .client()
+                .fetch_metadata(Some(topic), timeout)?;
+        }
+        Ok(())
+    }
+
     /// Enqueues `g`, waiting while the local queue is full.
     pub fn send(&self, g: &Generated) -> Result<(), KafkaError> {
         let mut record: BaseRecord<'_, str, [u8]> =
