@@ -27,7 +27,7 @@ pub mod defaults {
     /// Store directory.
     pub const STORE_PATH: &str = "data/aggregator.sled";
     /// Interval of the store's group commit.
-    pub const FLUSH_INTERVAL_MS: u64 = 20;
+    pub const FLUSH_INTERVAL_MS: u64 = 5;
     /// Store page cache in MiB.
     pub const STORE_CACHE_MIB: u64 = 256;
     /// Message ids remembered per partition.
@@ -162,7 +162,9 @@ pub struct StoreConfig {
     /// Directory of the sled store holding views and message-id markers.
     pub path: PathBuf,
     /// Milliseconds between group commits: staged events are written in one atomic batch and
-    /// flushed, and only then may their offsets be committed.
+    /// flushed, and only then may their offsets be committed. An event waits for the next one
+    /// (half of this on average) before its write begins; at full load a write starts when the
+    /// one before is prepared, whatever this is. Shorter ones write more, smaller batches.
     pub flush_interval_ms: u64,
     /// sled's page cache, in MiB of stored bytes. Size it to hold the store's live data (about
     /// the encoded views plus the dedup window's markers): below that, sled pages nodes out and
