@@ -2,6 +2,7 @@
 //! folds them into one live view per entity, served over HTTP. The actors live in the `actors`
 //! crate; this crate holds what faces the outside: configuration, Kafka, HTTP, and the demo.
 
+pub mod allocator;
 pub mod bench;
 pub mod changelog_producer;
 pub mod changelog_restorer;

@@ -154,6 +154,7 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> anyhow::Result<()> {
+    aggregator::allocator::keep_freed_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
