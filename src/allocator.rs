@@ -10,8 +10,8 @@ const PURGE_DELAY: mi_option_t = 15;
 /// Keeps the pages mimalloc frees for reuse instead of returning them to the system a second
 /// after they fall empty. The store stage's batches came back on fresh pages, which the kernel
 /// zeroes first: a tenth of the store stage's samples went to those page faults, and never
-/// purging took about 7% off the CPU per event for 30-80 MiB more peak RSS
-/// (docs/benchmarks.md, "Freed pages kept"). The process then stays near its peak.
+/// purging took about 6% off the CPU per event for about 50 MiB more peak RSS (six runs each;
+/// docs/benchmarks.md, "Freed pages kept"). The process then stays near its peak.
 pub fn keep_freed_pages() {
     // SAFETY: sets one of mimalloc's integer options, which it reads when it next decides to
     // purge; any value is valid for it, and -1 means never.
