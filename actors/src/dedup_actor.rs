@@ -1,7 +1,7 @@
 //! The dedup actor: owns the store and its ledger (see [`crate::ledger`], through which entity
 //! actors check message ids and stage their views), and writes each event's marker together with
 //! the view it produced in one atomic batch (group commit on an interval; a large write is applied
-//! in parts of 512 views, each with its views' markers, so that view loads take turns
+//! in parts of 2,048 views, each with its views' markers, so that view loads take turns
 //! with them). Offsets complete only after every part of the write that covers them is flushed.
 //! Each write's views go to the changelog first.
 //! Writes are pipelined on blocking threads: one is encoded and sent to the changelog while the
@@ -67,12 +67,13 @@ pub struct FlushNow;
 
 /// Views in one atomic part of a write: a part holds its views with the markers of the events
 /// they hold, so a write may be applied a part at a time, and view loads take turns with the
-/// parts instead of waiting for the whole write (sled's batch blocks every read). Each batch
-/// costs sled log space of its own: parts of 256 views grew the store after 2,000,000 events by
-/// 30% (1,767-1,823 MiB against 1,354) and a restart after a crash with it; parts of 1,024 kept
-/// it at 1,426 MiB, but at 20,000 events/s the p99 latency was 514 / 585 ms again (130-178 ms
-/// with 256); 512: 1,553 MiB and 145 ms.
-const VIEWS_PER_PART: usize = 512;
+/// parts instead of waiting for the whole write (sled's batch blocks every read). Larger parts
+/// are faster where many views are loaded: with 1,000,000 keys, 2,048 read 43,463-48,362
+/// events/s against 36,103-41,164 with 512 (five runs against three), and more than 2,048 gained
+/// nothing; with 100,000 keys, and at an offered 20,000/s (where a write seldom fills a part),
+/// the figures, store size and restart times did not move (docs/benchmarks.md, "Parts of 2,048
+/// views"). Parts of 256 grew the store by 30% (each batch costs sled log space of its own).
+const VIEWS_PER_PART: usize = 2048;
 
 /// A taken write, encoded: the store batches of its parts and the changelog records of its
 /// views.
