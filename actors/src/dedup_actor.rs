@@ -101,9 +101,7 @@ fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
         for id in markers {
             part.add_marker(view.partition, id);
         }
-        // Every stored view holds at least one event: one that holds only this write's is new.
-        let new = view.events_applied == markers.len() as u64;
-        part.put_encoded_view(view.partition, &view.key, encoded, Some(new));
+        part.put_encoded_view(&view.key, encoded);
     }
     // The last part, empty for a write without views: it still carries the changelog offsets.
     parts.push(part);
@@ -604,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn a_view_is_indexed_by_the_write_that_holds_all_of_its_events() {
+    fn a_write_stores_each_view_and_sends_each_to_the_changelog() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("store")).expect("store");
         let mut staged = Staged::default();
@@ -620,14 +618,20 @@ mod tests {
         for part in parts {
             store.write(part).expect("written");
         }
-        assert_eq!(
-            store.entities_of_partition(0).expect("index"),
-            vec!["new".to_string()],
-            "a view already stored has its index entry"
-        );
-        assert_eq!(
-            store.load("stored").expect("read"),
-            Some((*view("stored", 5)).clone())
+        for (key, events) in [("new", 2), ("stored", 5)] {
+            assert_eq!(
+                store.load(key).expect("read"),
+                Some((*view(key, events)).clone())
+            );
+        }
+        for id in ["m1", "m2", "m3"] {
+            assert!(store.has_marker(0, id).expect("read"), "marker {id} stored");
+        }
+        let sent: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(sent.len(), 2);
+        assert!(
+            sent.contains(&"new") && sent.contains(&"stored"),
+            "{sent:?}"
         );
     }
 

@@ -1,9 +1,8 @@
-//! The durable store (sled): entity views, message-id markers and a per-partition index, all
-//! written through atomic batches so that a marker never exists without its effect.
+//! The durable store (sled): entity views and message-id markers, written through atomic
+//! batches so that a marker never exists without its effect.
 //!
-//! Keys: `e/{entity}` holds the view ([`crate::view_codec`]); `p/{partition:05}/{entity}`
-//! indexes entities by partition so that one partition's state can be read out alone (written
-//! with a view's first write only); `d/{partition:05}/{seq:020}` holds the message ids one batch
+//! Keys: `e/{entity}` holds the view ([`crate::view_codec`]); `d/{partition:05}/{seq:020}` holds
+//! the message ids one batch
 //! marked as applied in the partition (see [`crate::marker_index`]: one entry per partition per
 //! batch, looked up in memory, expired whole once the dedup window has passed all its ids);
 //! `c/{partition:05}` is the changelog offset up to which the partition's state is in the store.
@@ -103,14 +102,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Markers kept per partition by a store opened without a window.
 pub const DEFAULT_DEDUP_WINDOW: u64 = 1_000_000;
 
-/// One atomic write: markers, views and index entries applied together or not at all.
+/// One atomic write: markers and views applied together or not at all.
 #[derive(Default)]
 pub struct WriteBatch {
     batch: sled::Batch,
     /// Message ids marked, by partition, in order.
     marked: Vec<(i32, String)>,
-    /// Views written, by partition and key, and whether each is new to the store (`None`: look).
-    viewed: Vec<(i32, String, Option<bool>)>,
     /// Markers in this batch.
     pub markers: usize,
     /// Views in this batch.
@@ -124,24 +121,16 @@ impl WriteBatch {
         self.markers += 1;
     }
 
-    /// Writes the view `agg`, and its partition index entry if the store does not hold it yet.
+    /// Writes the view `agg`.
     pub fn put_view(&mut self, agg: &Aggregate) -> Result<(), ViewCodecError> {
         let bytes = view_codec::encode(agg)?;
-        self.put_encoded_view(agg.partition, &agg.key, bytes, None);
+        self.put_encoded_view(&agg.key, bytes);
         Ok(())
     }
 
-    /// Writes the view of `key`, already encoded ([`view_codec`]), and its partition index entry
-    /// if it is `new` to the store (`None`: the write looks it up, a read per view).
-    pub fn put_encoded_view(
-        &mut self,
-        partition: i32,
-        key: &str,
-        encoded: Vec<u8>,
-        new: Option<bool>,
-    ) {
+    /// Writes the view of `key`, already encoded ([`view_codec`]).
+    pub fn put_encoded_view(&mut self, key: &str, encoded: Vec<u8>) {
         self.batch.insert(view_key(key), encoded);
-        self.viewed.push((partition, key.to_string(), new));
         self.views += 1;
     }
 
@@ -159,10 +148,6 @@ impl WriteBatch {
 
 fn view_key(key: &str) -> Vec<u8> {
     format!("e/{key}").into_bytes()
-}
-
-fn index_key(partition: i32, key: &str) -> Vec<u8> {
-    format!("p/{partition:05}/{key}").into_bytes()
 }
 
 fn changelog_key(partition: i32) -> Vec<u8> {
@@ -256,24 +241,12 @@ impl Store {
         let WriteBatch {
             mut batch,
             marked,
-            viewed,
+            views,
             ..
         } = batch;
         let _writing = lock(&self.writing);
         let _running = Running::start(&self.write_since);
         let plan = lock(&self.markers).plan(&marked, &mut batch);
-        for (partition, key, new) in &viewed {
-            let new = match new {
-                Some(new) => *new,
-                None => !self
-                    .db
-                    .contains_key(view_key(key))
-                    .map_err(StoreError::Read)?,
-            };
-            if new {
-                batch.insert(index_key(*partition, key), &[]);
-            }
-        }
         let applying = Instant::now();
         let turn = self.turn.lock();
         self.db
@@ -281,7 +254,7 @@ impl Store {
             .map_err(|e| StoreError::Write(e.to_string()))?;
         parking_lot::MutexGuard::unlock_fair(turn);
         tracing::debug!(
-            views = viewed.len(),
+            views,
             markers = marked.len(),
             ms = applying.elapsed().as_millis() as u64,
             "store batch applied"
@@ -337,19 +310,6 @@ impl Store {
         .map_err(|e| StoreError::Write(format!("the flush did not run to its end: {e}")))?
         .map(|_| ())
         .map_err(|e| StoreError::Write(e.to_string()))
-    }
-
-    /// Keys of the entities stored for `partition`.
-    pub fn entities_of_partition(&self, partition: i32) -> Result<Vec<String>, StoreError> {
-        let prefix = format!("p/{partition:05}/");
-        self.db
-            .scan_prefix(prefix.as_bytes())
-            .keys()
-            .map(|k| {
-                k.map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
-                    .map_err(StoreError::Read)
-            })
-            .collect()
     }
 
     /// Number of entity views stored.
@@ -473,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn batch_writes_marker_view_and_index_together() {
+    fn batch_writes_marker_and_view_together() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s")).unwrap();
         let mut agg = Aggregate::new("C1", 3);
@@ -486,11 +446,7 @@ mod tests {
         assert!(store.has_marker(3, "m1").unwrap());
         assert!(!store.has_marker(2, "m1").unwrap());
         assert_eq!(store.load("C1").unwrap(), Some(agg));
-        assert_eq!(
-            store.entities_of_partition(3).unwrap(),
-            vec!["C1".to_string()]
-        );
-        assert!(store.entities_of_partition(4).unwrap().is_empty());
+        assert_eq!(store.entity_count().unwrap(), 1);
     }
 
     /// A batch waits for a round of reads under way ([`Store::reading`]) and is applied once it
@@ -702,7 +658,7 @@ mod tests {
     }
 
     #[test]
-    fn a_view_written_again_keeps_one_index_entry() {
+    fn a_view_written_again_replaces_the_one_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s")).unwrap();
         for n in 1..=2 {
@@ -712,7 +668,7 @@ mod tests {
             batch.put_view(&agg).unwrap();
             store.write(batch).unwrap();
         }
-        assert_eq!(store.entities_of_partition(3).unwrap(), ["C1"]);
+        assert_eq!(store.entity_count().unwrap(), 1);
         assert_eq!(store.load("C1").unwrap().unwrap().events_applied, 2);
     }
 
