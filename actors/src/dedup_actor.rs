@@ -70,9 +70,10 @@ pub struct FlushNow;
 /// parts instead of waiting for the whole write (sled's batch blocks every read). Larger parts
 /// are faster where many views are loaded: with 1,000,000 keys, 2,048 read 43,463-48,362
 /// events/s against 36,103-43,282 with 512 (seven runs against five, about 10-15%), and more
-/// than 2,048 gained nothing; with 100,000 keys, and at an offered 20,000/s (where a write seldom fills a part),
-/// the figures, store size and restart times did not move (docs/benchmarks.md, "Parts of 2,048
-/// views"). Parts of 256 grew the store by 30% (each batch costs sled log space of its own).
+/// than 2,048 gained nothing; with 100,000 keys, and at an offered 20,000/s (where a write
+/// seldom fills a part), the figures, store size and restart times did not move
+/// (docs/benchmarks.md, "Parts of 2,048 views, and what holds the memory"). Parts of 256 grew
+/// the store by 30% (each batch costs sled log space of its own).
 const VIEWS_PER_PART: usize = 2048;
 
 /// A taken write, encoded: the store batches of its parts and the changelog records of its
