@@ -5,7 +5,7 @@
 //! the message ids one batch marked as applied in the partition (see [`crate::marker_index`]: one
 //! entry per partition per batch, looked up in memory, expired whole once the dedup window has
 //! passed all its ids); `c/{partition:05}` is the changelog offset up to which the partition's
-//! state is in the store. Stores written before 1a1b5b4 also hold `p/{partition:05}/{entity}`
+//! state is in the store. Stores written by earlier versions also hold `p/{partition:05}/{entity}`
 //! entries, a partition index that nothing read; they are left as they are.
 
 use std::path::{Path, PathBuf};
