@@ -23,6 +23,7 @@ use crate::embedded_broker::EmbeddedBroker;
 use crate::event_producer::{Deliveries, EventProducer};
 use crate::generator::{Generator, GeneratorConfig, Kind};
 use crate::service;
+use crate::thread_cpu::{self, CpuByGroup, Snapshot, ThreadGroup};
 
 /// Options of the benchmark.
 #[derive(Clone, Debug)]
@@ -122,27 +123,13 @@ fn since(first: Option<(Instant, f64)>) -> (f64, f64) {
     })
 }
 
-/// Clock ticks per second of `/proc`'s CPU times (`USER_HZ`, fixed at 100 in Linux's ABI).
-const USER_HZ: f64 = 100.0;
-
 /// CPU time this process has used so far, user and system, every thread, in seconds (0 where
 /// `/proc` is unreadable).
 pub(crate) fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // The fields after the command name (which may hold spaces) start with the state, field 3;
-    // utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / USER_HZ
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| thread_cpu::parse_stat(&stat).map(|(_, seconds)| seconds))
+        .unwrap_or(0.0)
 }
 
 /// What the benchmark measured.
@@ -167,6 +154,9 @@ pub struct BenchReport {
     pub baseline_runs: [Workload; 2],
     /// The full service.
     pub aggregator: Workload,
+    /// The full service's CPU per event split by thread, in microseconds: its own threads, the
+    /// Kafka clients', the embedded broker's and the bench producer's (threads alive at its end).
+    pub aggregator_cpu_by_thread: CpuByGroup,
     /// aggregator / baseline throughput.
     pub ratio: f64,
     /// Record timestamp to durable-and-committable, in milliseconds.
@@ -213,9 +203,20 @@ pub struct BenchReport {
 /// How far ahead of an offered rate's schedule the producer may run before it sleeps.
 const PACING_STEP: Duration = Duration::from_millis(1);
 
+/// What the producer thread did: records sent, duplicates among them, and its own CPU seconds
+/// when it ended (it ends before the service's last record is done, and `/proc` forgets it).
+/// Its client comes back with it, so that the client's threads live, and count, until the
+/// report is taken.
+struct Fed {
+    sent: u64,
+    duplicates: u64,
+    cpu_seconds: f64,
+    _producer: EventProducer,
+}
+
 /// Produces the generated stream, never more than `ahead` records past `consumed`.
 struct Feeder {
-    handle: JoinHandle<anyhow::Result<(u64, u64)>>,
+    handle: JoinHandle<anyhow::Result<Fed>>,
     deliveries: Arc<Deliveries>,
 }
 
@@ -264,12 +265,17 @@ impl Feeder {
                     duplicates += u64::from(g.kind == Kind::Duplicate);
                 }
                 producer.flush(Duration::from_secs(60))?;
-                Ok((sent, duplicates))
+                Ok(Fed {
+                    sent,
+                    duplicates,
+                    cpu_seconds: thread_cpu::own_cpu_seconds().unwrap_or(0.0),
+                    _producer: producer,
+                })
             })?;
         Ok(Feeder { handle, deliveries })
     }
 
-    fn join(self) -> anyhow::Result<(u64, u64)> {
+    fn join(self) -> anyhow::Result<Fed> {
         self.handle
             .join()
             .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?
@@ -441,10 +447,12 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         Arc::new(move || metrics.totals().0),
     )?;
     let mut first: Option<(Instant, f64)> = None;
+    let mut threads_at_first = Snapshot::default();
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         if first.is_none() && running.metrics.totals().0 > 0 {
             first = Some((Instant::now(), process_cpu_seconds()));
+            threads_at_first = Snapshot::now();
         }
         if feeder.handle.is_finished() && all_committed(&running, &feeder.deliveries.end_offsets())
         {
@@ -456,9 +464,20 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         actix::clock::sleep(Duration::from_millis(1)).await;
     }
     let (seconds, cpu_seconds) = since(first);
+    let threads_at_end = Snapshot::now();
+    let mut cpu_by_thread = threads_at_end.since(&threads_at_first);
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     let latency = running.topology.take_latency();
-    let (produced, duplicates) = feeder.join()?;
+    let fed = feeder.join()?;
+    let (produced, duplicates, producer_cpu) = (fed.sent, fed.duplicates, fed.cpu_seconds);
+    if threads_at_end
+        .seconds_of(ThreadGroup::BenchProducer)
+        .is_none()
+    {
+        let at_first = threads_at_first.seconds_of(ThreadGroup::BenchProducer);
+        cpu_by_thread.bench_producer += (producer_cpu - at_first.unwrap_or(0.0)).max(0.0);
+    }
+    drop(fed);
     let (consumed, applied, dropped) = running.metrics.totals();
     let dead_lettered = running.metrics.dead_lettered_total();
     let counts = [
@@ -510,6 +529,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         ratio: aggregator.events_per_sec / base.events_per_sec.max(1e-9),
         baseline: base,
         baseline_runs,
+        aggregator_cpu_by_thread: cpu_by_thread.per_event(aggregator.events),
         aggregator,
         latency_ms: latency,
         baseline_latency_ms: baseline_latency,
@@ -558,6 +578,8 @@ pub fn render(r: &BenchReport) -> String {
          baseline   (bare consumer) {}\n\
          \x20 its runs before / after the service: {:.0} / {:.0} events/s (x{spread:.2} apart{drift})\n\
          aggregator (full service)  {}\n\
+         \x20 its CPU by thread, us/event: service {:.1}, Kafka clients {:.1}, embedded broker {:.1}, \
+         bench producer {:.1}\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          latency produce->parsed (bare consumer): {baseline_latency}\n\
@@ -578,6 +600,10 @@ pub fn render(r: &BenchReport) -> String {
         r.baseline_runs[0].events_per_sec,
         r.baseline_runs[1].events_per_sec,
         workload_line(&r.aggregator, "event"),
+        r.aggregator_cpu_by_thread.service,
+        r.aggregator_cpu_by_thread.kafka_clients,
+        r.aggregator_cpu_by_thread.embedded_broker,
+        r.aggregator_cpu_by_thread.bench_producer,
         r.ratio,
         r.peak_rss_mib,
         r.store_bytes as f64 / (1024.0 * 1024.0),

@@ -17,4 +17,5 @@ pub mod generator;
 pub mod http;
 pub mod pipeline_bench;
 pub mod service;
+pub mod thread_cpu;
 pub mod verifier;

@@ -39,6 +39,17 @@ async fn short_benchmark_completes_and_applies_every_event() {
     );
     assert_eq!(report.baseline.events, 40_000, "its two runs taken as one");
     assert_eq!(report.aggregator.events, 20_000);
+    let by_thread = report.aggregator_cpu_by_thread;
+    let parts = by_thread.service
+        + by_thread.kafka_clients
+        + by_thread.embedded_broker
+        + by_thread.bench_producer;
+    assert!(
+        by_thread.service > 0.0
+            && (0.5..=1.5).contains(&(parts / report.aggregator.cpu_us_per_event)),
+        "the threads' shares make up the process's CPU: {}",
+        bench::render(&report)
+    );
     assert_eq!(report.entities, 2_000);
     assert_eq!(report.live_bound, 500);
     assert!(

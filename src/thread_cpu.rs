@@ -1,0 +1,195 @@
+//! CPU time of this process's threads, grouped by what they work for, from `/proc` (Linux): the
+//! bench runs the service beside its own broker and producer, and this tells their shares apart.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+/// Clock ticks per second of `/proc`'s CPU times (`USER_HZ`, fixed at 100 in Linux's ABI).
+const USER_HZ: f64 = 100.0;
+
+/// What a thread of the bench's process works for, by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadGroup {
+    /// The service's own threads: the actors, the consumer's poll loop, the store's and the
+    /// view loader's.
+    Service,
+    /// librdkafka's threads and the producers' pollers, the service's clients and the bench
+    /// producer's alike (their names do not say which).
+    KafkaClients,
+    /// The embedded broker's thread.
+    EmbeddedBroker,
+    /// The bench's producer thread, which generates the events and hands them to its client.
+    BenchProducer,
+}
+
+/// The group of a thread named `name` (as `/proc` shows it: at most 15 bytes).
+pub fn group_of(name: &str) -> ThreadGroup {
+    match name {
+        "rdk:mock" => ThreadGroup::EmbeddedBroker,
+        "bench-producer" => ThreadGroup::BenchProducer,
+        // rdkafka's `ThreadedProducer` names its thread "producer polling thread".
+        n if n.starts_with("rdk:") || n.starts_with("producer pollin") => ThreadGroup::KafkaClients,
+        _ => ThreadGroup::Service,
+    }
+}
+
+/// CPU seconds per group, in microseconds per event once divided (see [`CpuByGroup::per_event`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct CpuByGroup {
+    /// The service's own threads.
+    pub service: f64,
+    /// librdkafka's threads and the producers' pollers.
+    pub kafka_clients: f64,
+    /// The embedded broker.
+    pub embedded_broker: f64,
+    /// The bench producer.
+    pub bench_producer: f64,
+}
+
+impl CpuByGroup {
+    fn add(&mut self, group: ThreadGroup, seconds: f64) {
+        *match group {
+            ThreadGroup::Service => &mut self.service,
+            ThreadGroup::KafkaClients => &mut self.kafka_clients,
+            ThreadGroup::EmbeddedBroker => &mut self.embedded_broker,
+            ThreadGroup::BenchProducer => &mut self.bench_producer,
+        } += seconds;
+    }
+
+    /// The same in microseconds per event over `events`.
+    pub fn per_event(&self, events: u64) -> CpuByGroup {
+        let us = |seconds: f64| seconds * 1e6 / events.max(1) as f64;
+        CpuByGroup {
+            service: us(self.service),
+            kafka_clients: us(self.kafka_clients),
+            embedded_broker: us(self.embedded_broker),
+            bench_producer: us(self.bench_producer),
+        }
+    }
+}
+
+/// The CPU seconds each live thread had used at one moment, by thread id.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot(HashMap<u32, (String, f64)>);
+
+impl Snapshot {
+    /// Every live thread's name and CPU time now (empty where `/proc` is unreadable).
+    pub fn now() -> Self {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Snapshot::default();
+        };
+        let threads = tasks
+            .flatten()
+            .filter_map(|task| {
+                let tid = task.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                let (name, seconds) = parse_stat(&stat)?;
+                Some((tid, (name.to_string(), seconds)))
+            })
+            .collect();
+        Snapshot(threads)
+    }
+
+    /// CPU seconds the live threads of `group` had used, if any thread of it was alive.
+    pub fn seconds_of(&self, group: ThreadGroup) -> Option<f64> {
+        self.0
+            .values()
+            .filter(|(name, _)| group_of(name) == group)
+            .map(|(_, seconds)| *seconds)
+            .reduce(|a, b| a + b)
+    }
+
+    /// CPU time per group used since `earlier` by the threads alive now (a thread that ended
+    /// meanwhile is not counted; one started meanwhile counts from its start).
+    pub fn since(&self, earlier: &Snapshot) -> CpuByGroup {
+        let mut by_group = CpuByGroup::default();
+        for (tid, (name, seconds)) in &self.0 {
+            let before = earlier.0.get(tid).map_or(0.0, |(_, s)| *s);
+            by_group.add(group_of(name), (seconds - before).max(0.0));
+        }
+        by_group
+    }
+}
+
+/// CPU seconds the calling thread has used so far (user and system), if `/proc` tells.
+pub fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    parse_stat(&stat).map(|(_, seconds)| seconds)
+}
+
+/// The name and the CPU seconds (user and system) in a `/proc/.../stat` line.
+pub(crate) fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+    // The name is in parentheses and may hold spaces and parentheses itself; the fields after
+    // it start with the state, field 3, and utime and stime are fields 14 and 15.
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((name, (utime + stime) / USER_HZ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn threads_are_grouped_by_name() {
+        for (name, group) in [
+            ("rdk:mock", ThreadGroup::EmbeddedBroker),
+            ("bench-producer", ThreadGroup::BenchProducer),
+            ("rdk:broker1", ThreadGroup::KafkaClients),
+            ("rdk:main", ThreadGroup::KafkaClients),
+            ("producer pollin", ThreadGroup::KafkaClients),
+            ("kafka-consumer", ThreadGroup::Service),
+            ("tokio-rt-worker", ThreadGroup::Service),
+            ("aggregator", ThreadGroup::Service),
+        ] {
+            assert_eq!(group_of(name), group, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_stat_line_gives_its_name_and_cpu_seconds() {
+        let stat = "4242 (odd (name) x) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1 0";
+        assert_eq!(parse_stat(stat), Some(("odd (name) x", 3.25)));
+        assert_eq!(parse_stat("4242 (cut) S 1 2"), None);
+    }
+
+    #[test]
+    fn a_busy_thread_counts_for_its_group_from_the_earlier_snapshot_on() {
+        let before = Snapshot::now();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (spun, spin_ended) = std::sync::mpsc::channel();
+        let busy = std::thread::Builder::new()
+            .name("bench-producer".into())
+            .spawn(move || {
+                // Busy for at least 60 ms of its own CPU time, read from /proc as the snapshot
+                // reads it; then alive until the second snapshot is taken.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let own = || own_cpu_seconds().unwrap_or(0.0);
+                while own() < 0.06 && Instant::now() < deadline {
+                    std::hint::black_box((0..10_000u64).sum::<u64>());
+                }
+                spun.send(own()).expect("the test waits");
+                wait.recv().ok();
+            })
+            .expect("thread");
+        let used = spin_ended.recv().expect("the thread reports");
+        let after = Snapshot::now();
+        let by_group = after.since(&before);
+        done.send(()).expect("the thread waits");
+        busy.join().expect("joined");
+        assert!(used >= 0.06, "the thread spun for {used} s");
+        assert!(
+            by_group.bench_producer >= used,
+            "{by_group:?} against {used} s used"
+        );
+        assert_eq!(before.seconds_of(ThreadGroup::BenchProducer), None);
+        assert!(after.seconds_of(ThreadGroup::BenchProducer) >= Some(used));
+        let per_event = by_group.per_event(1000);
+        assert!((per_event.bench_producer - by_group.bench_producer * 1e3).abs() < 1e-6);
+    }
+}
