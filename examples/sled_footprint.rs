@@ -35,8 +35,8 @@ struct Options {
     batch: u64,
     /// sled's segment size in KiB: a power of two up to 16,384; 512 is sled's default, which the
     /// service keeps (sled calls the setting a testing one, and a store keeps the size it was
-    /// created with). Below 256 the growth past the cache bound goes away here, not in the
-    /// service (docs/benchmarks.md, "sled's segment size, a write taken sooner, fetches thrown
+    /// created with). At 128 and below the growth past the cache bound goes away here, not in
+    /// the service (docs/benchmarks.md, "sled's segment size, a write taken sooner, fetches thrown
     /// away").
     #[arg(long, default_value_t = 512)]
     segment_kib: usize,
