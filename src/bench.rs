@@ -177,6 +177,9 @@ pub struct BenchReport {
     /// Views the entity actors asked the store for: each entity's first actor's, and those of
     /// actors started again after their entity passivated (unless the view was still staged).
     pub view_loads: u64,
+    /// Views written to the store during the aggregator workload: fewer than the events applied
+    /// where events of one key in flight together fold into one view.
+    pub views_written: u64,
     /// Message ids remembered per partition.
     pub dedup_window: u64,
     /// Message-id markers in the store after the run (bounded by partitions x window).
@@ -489,7 +492,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         dead_lettered,
     ];
     let store_bytes = running.topology.dedup.store_bytes.load(Ordering::Relaxed);
-    let markers_expired = running.topology.snapshot(0).dedup.markers_expired;
+    let dedup = running.topology.snapshot(0).dedup;
+    let (markers_expired, views_written) = (dedup.markers_expired, dedup.views_written);
     let passivations = running.metrics.entity_passivations.get();
     let view_loads = running.metrics.view_load_latency.get_sample_count();
     running.shutdown().await?;
@@ -539,6 +543,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         live_bound: config.tuning.max_live_entities,
         passivations,
         view_loads,
+        views_written,
         dedup_window: config.store.dedup_window,
         markers_kept,
         markers_expired,
@@ -585,6 +590,8 @@ pub fn render(r: &BenchReport) -> String {
          latency produce->parsed (bare consumer): {baseline_latency}\n\
          peak RSS {:.0} MiB | store {:.1} MiB, {} entities\n\
          live entities: bound {}, passivated {}, views loaded {} ({:.2} per event)\n\
+         views written {} ({:.2} per event applied: events of one key in flight together fold \
+         into one)\n\
          restart: serving {:.0} ms, ready {:.0} ms | without the shutdown's checkpoint (as after a \
          crash): serving {:.0} ms, ready {:.0} ms\n\
          dedup markers kept {} (window {} ids per partition), expired {}\n\
@@ -612,6 +619,8 @@ pub fn render(r: &BenchReport) -> String {
         r.passivations,
         r.view_loads,
         r.view_loads as f64 / r.events.max(1) as f64,
+        r.views_written,
+        r.views_written as f64 / r.counts[2].max(1) as f64,
         r.restart_serving_ms,
         r.restart_ready_ms,
         r.recovery_serving_ms,

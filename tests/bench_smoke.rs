@@ -62,6 +62,11 @@ async fn short_benchmark_completes_and_applies_every_event() {
         "every entity's first actor loads its view: {}",
         bench::render(&report)
     );
+    assert!(
+        report.views_written >= report.entities && report.views_written <= report.counts[2],
+        "at least one view per entity, at most one per event applied: {}",
+        bench::render(&report)
+    );
     let latency = report.latency_ms.expect("latencies recorded");
     assert_eq!(latency.count, 20_000);
     assert!(latency.p50 <= latency.p99 && latency.p99 <= latency.max);
