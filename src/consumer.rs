@@ -340,6 +340,21 @@ impl ClientContext for AggregatorContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        let brokers = statistics
+            .brokers
+            .values()
+            .map(|b| (b.nodeid, b.name.as_str(), b.state.as_str()));
+        let topology = &self.pipeline.topology;
+        match broker_health(brokers) {
+            None => {}
+            // A fault the client reported before is over once a broker is up, also when no
+            // record flows afterwards to clear it (the work may all be done).
+            Some(Ok(())) => {
+                set(&topology.brokers_down, None);
+                set(&topology.consumer_fault, None);
+            }
+            Some(Err(down)) => set(&topology.brokers_down, Some(down)),
+        }
         let mut assigned = self.assigned();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -611,7 +626,12 @@ impl PollLoop {
         let started = Instant::now();
         let metrics = &context.pipeline.metrics;
         let stats = &context.pipeline.topology.committer;
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
+        // Shown in /health once it waits too long: the loop polls nothing meanwhile, so neither
+        // the client's errors nor its statistics can tell of a broker that went down.
+        set(&stats.waiting_since, Some(started));
+        let committed_or_not = self.consumer.commit(&tpl, CommitMode::Sync);
+        set(&stats.waiting_since, None);
+        match committed_or_not {
             Ok(()) => {
                 metrics
                     .commit_latency
@@ -700,6 +720,32 @@ fn one_per_leader<'a>(resumed: &[(&'a TopicPartition, i32)]) -> Vec<&'a TopicPar
         .collect()
 }
 
+/// Whether a broker the client has learned (`nodeid` 0 or more, not the bootstrap or internal
+/// ones) is up, from (nodeid, name, state) in its statistics: `Err` with their states when none
+/// is, `None` while none is known. A fault cleared as records flow would clear while records
+/// fetched before an outage are still being polled, and librdkafka reports a broker's failure
+/// once, not for as long as it lasts.
+fn broker_health<'a>(
+    brokers: impl Iterator<Item = (i32, &'a str, &'a str)>,
+) -> Option<Result<(), String>> {
+    let mut learned = brokers.filter(|(id, _, _)| *id >= 0).peekable();
+    learned.peek()?;
+    let mut states = Vec::new();
+    for (_, name, state) in learned {
+        if state == "UP" || state == "UPDATE" {
+            return Some(Ok(()));
+        }
+        states.push(format!("{name} {state}"));
+    }
+    states.sort();
+    Some(Err(format!("no broker is up: {}", states.join(", "))))
+}
+
+/// Sets a shared slot (a poisoned lock's value is still a value).
+fn set<T>(slot: &Mutex<Option<T>>, value: Option<T>) {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = value;
+}
+
 /// Copies a polled message into a record the actors own.
 pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
     let headers = m
@@ -742,6 +788,38 @@ mod tests {
             "leader 1 once, unknown leaders each"
         );
         assert!(one_per_leader(&[]).is_empty());
+    }
+
+    #[test]
+    fn brokers_are_down_only_while_every_learned_one_is_not_up() {
+        let bootstrap = (-1, "127.0.0.1:9092/bootstrap", "DOWN");
+        assert_eq!(
+            broker_health([bootstrap].into_iter()),
+            None,
+            "none learned yet"
+        );
+        assert_eq!(
+            broker_health([bootstrap, (1, "b1:9092/1", "UP")].into_iter()),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            broker_health([(1, "b1:9092/1", "CONNECT"), (2, "b2:9092/2", "UPDATE")].into_iter()),
+            Some(Ok(())),
+            "one broker up is enough"
+        );
+        assert_eq!(
+            broker_health(
+                [
+                    (2, "b2:9092/2", "CONNECT"),
+                    bootstrap,
+                    (1, "b1:9092/1", "DOWN")
+                ]
+                .into_iter()
+            ),
+            Some(Err(
+                "no broker is up: b1:9092/1 DOWN, b2:9092/2 CONNECT".to_string()
+            ))
+        );
     }
 
     #[test]

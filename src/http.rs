@@ -15,6 +15,10 @@ use serde_json::json;
 /// Deepest mailboxes listed by `/topology`.
 const BUSIEST_MAILBOXES: usize = 10;
 
+/// How long an offset commit may wait for its answer before `/health` reports it: one takes
+/// milliseconds, and the consumer polls nothing while it waits.
+const COMMIT_STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the handlers read.
 #[derive(Clone)]
 pub struct ApiState {
@@ -88,10 +92,13 @@ async fn health(state: web::Data<ApiState>) -> HttpResponse {
     if let Some(f) = t.dedup.fault() {
         faults.insert("store".into(), f.into());
     }
-    if let Some(f) = t.committer.last_fault.lock().ok().and_then(|f| f.clone()) {
+    let last_commit_fault = t.committer.last_fault.lock().ok().and_then(|f| f.clone());
+    if let Some(f) = last_commit_fault.or_else(|| t.committer.stalled(COMMIT_STALL_AFTER)) {
         faults.insert("commit".into(), f.into());
     }
-    if let Some(f) = t.consumer_fault.lock().ok().and_then(|f| f.clone()) {
+    let brokers_down = t.brokers_down.lock().ok().and_then(|f| f.clone());
+    let consumer_fault = t.consumer_fault.lock().ok().and_then(|f| f.clone());
+    if let Some(f) = brokers_down.or(consumer_fault) {
         faults.insert("broker".into(), f.into());
     }
     if faults.is_empty() {

@@ -119,6 +119,18 @@ pub struct CommitterStats {
     pub restarts: AtomicU64,
     /// The last commit fault, cleared by the next success.
     pub last_fault: Mutex<Option<String>>,
+    /// When the offset commit under way was sent: the consumer's poll loop waits for its answer,
+    /// which a broker that is down holds back until the request times out.
+    pub waiting_since: Mutex<Option<std::time::Instant>>,
+}
+
+impl CommitterStats {
+    /// The commit under way, described, if it has waited longer than `limit`.
+    pub fn stalled(&self, limit: std::time::Duration) -> Option<String> {
+        let since = (*self.waiting_since.lock().ok()?)?;
+        let waited = since.elapsed();
+        (waited > limit).then(|| format!("an offset commit has waited {waited:.1?} for the broker"))
+    }
 }
 
 /// Everything `/topology` shows, shared by all actors.
@@ -136,8 +148,12 @@ pub struct Topology {
     pub dedup: DedupStats,
     /// The offset committer.
     pub committer: CommitterStats,
-    /// The last consumer or broker fault, cleared when records flow again.
+    /// The last consumer or broker fault, cleared when records flow again or the client's
+    /// statistics show a broker up.
     pub consumer_fault: Mutex<Option<String>>,
+    /// Set while no broker the consumer knows is up, from its statistics each second; records it
+    /// fetched before still flow meanwhile, so they do not clear it.
+    pub brokers_down: Mutex<Option<String>>,
     /// Whether the consumer has joined its group and received an assignment.
     pub joined: AtomicBool,
     /// Milliseconds from each record's timestamp to durable-and-committable.
@@ -374,5 +390,25 @@ impl Topology {
                     .and_then(|f| f.clone()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_commit_is_stalled_once_it_has_waited_longer_than_the_limit() {
+        let stats = CommitterStats::default();
+        assert_eq!(stats.stalled(Duration::ZERO), None, "no commit under way");
+        let sent = Instant::now() - Duration::from_secs(3);
+        *stats.waiting_since.lock().unwrap() = Some(sent);
+        assert_eq!(stats.stalled(Duration::from_secs(60)), None);
+        let stalled = stats.stalled(Duration::from_secs(2)).expect("stalled");
+        assert!(
+            stalled.starts_with("an offset commit has waited 3."),
+            "{stalled}"
+        );
     }
 }
