@@ -293,9 +293,7 @@ impl AggregatorContext {
                     "restoring from the changelog failed; processing on the stored state: {e}"
                 );
                 self.pipeline.metrics.fault("changelog_restore");
-                if let Ok(mut f) = self.pipeline.topology.consumer_fault.lock() {
-                    *f = Some(e.to_string());
-                }
+                set(&self.pipeline.topology.consumer_fault, Some(e.to_string()));
             }
         }
     }
@@ -374,9 +372,10 @@ impl ClientContext for AggregatorContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::warn!("kafka client error: {error}: {reason}");
         self.pipeline.metrics.fault("broker");
-        if let Ok(mut f) = self.pipeline.topology.consumer_fault.lock() {
-            *f = Some(format!("{error}: {reason}"));
-        }
+        set(
+            &self.pipeline.topology.consumer_fault,
+            Some(format!("{error}: {reason}")),
+        );
     }
 }
 
@@ -557,18 +556,17 @@ impl PollLoop {
                     Some(Err(e)) => {
                         tracing::warn!("consume error: {e}");
                         context.pipeline.metrics.fault("broker");
-                        if let Ok(mut f) = context.pipeline.topology.consumer_fault.lock() {
-                            *f = Some(e.to_string());
-                        }
+                        set(
+                            &context.pipeline.topology.consumer_fault,
+                            Some(e.to_string()),
+                        );
                         break;
                     }
                 }
                 wait = Duration::ZERO;
             }
             if taken > 0 {
-                if let Ok(mut f) = context.pipeline.topology.consumer_fault.lock() {
-                    *f = None;
-                }
+                set(&context.pipeline.topology.consumer_fault, None);
             }
             {
                 let mut assigned = context.assigned();
@@ -639,17 +637,13 @@ impl PollLoop {
                 for (partition, offset) in committed {
                     partition.committed.store(offset, Ordering::Relaxed);
                 }
-                if let Ok(mut f) = stats.last_fault.lock() {
-                    *f = None;
-                }
+                set(&stats.last_fault, None);
             }
             Err(e) => {
                 tracing::warn!("offset commit failed, will retry: {e}");
                 metrics.fault("commit");
                 stats.failures.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut f) = stats.last_fault.lock() {
-                    *f = Some(e.to_string());
-                }
+                set(&stats.last_fault, Some(e.to_string()));
                 self.sink.retry(due);
             }
         }
