@@ -1,6 +1,7 @@
 //! The Kafka side of the service: the consumer-group member that runs on its own thread, turns
 //! polled messages into records for the partition supervisors, pauses partitions whose in-flight
-//! window is full, drains partitions on revocation and commits what the committer hands it.
+//! window is full and drains partitions on revocation. What the committer hands over is committed
+//! beside it ([`crate::offset_sink`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use aggregator_actors::offset_committer::OffsetSink;
 use aggregator_actors::offset_committer::ResetPartition;
 use aggregator_actors::partition_supervisor::{deliver, Drain, PartitionSupervisor};
 use aggregator_actors::pipeline::Pipeline;
@@ -17,12 +17,14 @@ use aggregator_actors::topology::PartitionStats;
 use aggregator_actors::{Origin, Record, Store, TopicPartition};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::changelog_restorer::ChangelogRestorer;
 use crate::config::Config;
+use crate::offset_sink::{spawn_commit_thread, KafkaOffsetSink};
 
 /// The consumer type of the service.
 pub type AggregatorConsumer = BaseConsumer<AggregatorContext>;
@@ -102,6 +104,8 @@ pub struct AggregatorContext {
     /// when polling ends, so that the store closes with the service although librdkafka may keep
     /// this context alive a while longer.
     restorer: Mutex<Option<(ChangelogRestorer, Store)>>,
+    /// What the committer hands over; a drain's final commit takes its turn with the sink's.
+    sink: Arc<KafkaOffsetSink>,
 }
 
 impl AggregatorContext {
@@ -109,7 +113,8 @@ impl AggregatorContext {
         self.assigned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drains the supervisors of `tps` and commits their final offsets synchronously.
+    /// Drains the supervisors of `tps` and commits their final offsets synchronously, after any
+    /// commit under way.
     fn drain(&self, consumer: &AggregatorConsumer, tps: &[TopicPartition]) {
         let removed: Vec<(TopicPartition, Assigned)> = {
             let mut assigned = self.assigned();
@@ -131,12 +136,19 @@ impl AggregatorContext {
         drop(tx);
         let deadline = Instant::now() + self.drain_timeout;
         let mut tpl = TopicPartitionList::new();
+        let mut committed = Vec::new();
         for _ in 0..removed.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((tp, Some(offset))) => {
-                    let _ =
-                        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
+                    if let Some((_, a)) = removed.iter().find(|(removed, _)| *removed == tp) {
+                        let _ = tpl.add_partition_offset(
+                            &tp.topic,
+                            tp.partition,
+                            Offset::Offset(offset),
+                        );
+                        committed.push((a.stats.clone(), offset));
+                    }
                 }
                 Ok((_, None)) => {}
                 Err(_) => {
@@ -148,31 +160,80 @@ impl AggregatorContext {
                 }
             }
         }
-        if tpl.count() > 0 {
-            match consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => {
-                    for e in tpl.elements() {
-                        if let (Some((_, a)), Offset::Offset(o)) = (
-                            removed.iter().find(|(tp, _)| {
-                                &*tp.topic == e.topic() && tp.partition == e.partition()
-                            }),
-                            e.offset(),
-                        ) {
-                            a.stats.committed.store(o, Ordering::Relaxed);
-                        }
-                    }
-                    tracing::info!(partitions = tpl.count(), "final offsets committed");
-                }
-                Err(e) => {
-                    self.pipeline.metrics.fault("commit");
-                    tracing::warn!("final commit failed; records since the last commit will be redelivered and deduplicated: {e}");
-                }
-            }
+        let _turn = self.sink.turn();
+        self.sink.forget(tps);
+        match self.commit_list(consumer, &tpl, committed) {
+            Ok(0) => {}
+            Ok(partitions) => tracing::info!(partitions, "final offsets committed"),
+            Err(e) => tracing::warn!(
+                "final commit failed; records since the last commit will be redelivered and deduplicated: {e}"
+            ),
         }
         // Not ours any more: `/topology` shows the current assignment only.
         for (tp, _) in &removed {
             self.pipeline.topology.partitions.remove(tp);
         }
+    }
+
+    /// Commits `offsets` of the partitions still assigned, synchronously, each only if it is above
+    /// the partition's last committed offset.
+    pub(crate) fn commit(
+        &self,
+        consumer: &AggregatorConsumer,
+        offsets: &HashMap<TopicPartition, i64>,
+    ) -> KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        let mut committed = Vec::new();
+        {
+            let assigned = self.assigned();
+            for (tp, &offset) in offsets {
+                let Some(a) = assigned.get(tp) else { continue };
+                // An offset handed over before a rebalance may come after the drain's final one.
+                if offset > a.stats.committed.load(Ordering::Relaxed) {
+                    let _ =
+                        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
+                    committed.push((a.stats.clone(), offset));
+                }
+            }
+        }
+        self.commit_list(consumer, &tpl, committed).map(|_| ())
+    }
+
+    /// Commits `tpl` synchronously and shows the outcome: each partition's committed offset in
+    /// `/topology` (`committed`, one entry per partition in `tpl`), and a failure or a commit
+    /// that waits too long in `/health`. The number of partitions committed.
+    fn commit_list(
+        &self,
+        consumer: &AggregatorConsumer,
+        tpl: &TopicPartitionList,
+        committed: Vec<(Arc<PartitionStats>, i64)>,
+    ) -> KafkaResult<usize> {
+        if tpl.count() == 0 {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let metrics = &self.pipeline.metrics;
+        let stats = &self.pipeline.topology.committer;
+        set(&stats.waiting_since, Some(started));
+        let result = consumer.commit(tpl, CommitMode::Sync);
+        set(&stats.waiting_since, None);
+        match &result {
+            Ok(()) => {
+                metrics
+                    .commit_latency
+                    .observe(started.elapsed().as_secs_f64());
+                for (partition, offset) in &committed {
+                    partition.committed.store(*offset, Ordering::Relaxed);
+                }
+                set(&stats.last_fault, None);
+            }
+            Err(e) => {
+                metrics.fault("commit");
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                set(&stats.last_fault, Some(e.to_string()));
+            }
+        }
+        result.map(|()| committed.len())
     }
 
     /// Restarts partitions whose supervisor died: the committer forgets their in-flight records
@@ -415,37 +476,6 @@ impl ConsumerContext for AggregatorContext {
     }
 }
 
-/// The committer's sink: hands offsets to the consumer thread, which commits them synchronously
-/// between polls (so the result, and the committed offset `/topology` shows, is known).
-#[derive(Default)]
-pub struct KafkaOffsetSink {
-    due: Mutex<HashMap<TopicPartition, i64>>,
-}
-
-impl KafkaOffsetSink {
-    fn take_due(&self) -> HashMap<TopicPartition, i64> {
-        std::mem::take(&mut *self.due.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Puts back offsets whose commit failed, unless a newer one is already due.
-    fn retry(&self, offsets: HashMap<TopicPartition, i64>) {
-        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
-        for (tp, offset) in offsets {
-            due.entry(tp).or_insert(offset);
-        }
-    }
-}
-
-impl OffsetSink for KafkaOffsetSink {
-    fn commit(&self, offsets: &[(TopicPartition, i64)]) -> Result<(), String> {
-        let mut due = self.due.lock().unwrap_or_else(|p| p.into_inner());
-        for (tp, offset) in offsets {
-            due.insert(tp.clone(), *offset);
-        }
-        Ok(())
-    }
-}
-
 /// The running consumer thread.
 pub struct ConsumerThread {
     stop: Arc<AtomicBool>,
@@ -469,6 +499,7 @@ impl ConsumerThread {
             assigned: Mutex::new(HashMap::new()),
             drain_timeout: Config::ms(config.tuning.drain_timeout_ms),
             restorer: Mutex::new(restorer),
+            sink: sink.clone(),
         };
         let session_timeout = config.kafka.session_timeout_ms.to_string();
         let mut settings = vec![
@@ -491,9 +522,11 @@ impl ConsumerThread {
 
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let committing =
+            spawn_commit_thread(consumer.clone(), sink.clone()).map_err(ConsumerError::Thread)?;
         let poll = PollLoop {
             consumer,
-            sink,
+            committing,
             stop: stop.clone(),
             batch: config.tuning.poll_batch,
             window: config.tuning.max_in_flight_per_partition as i64,
@@ -504,7 +537,11 @@ impl ConsumerThread {
                 poll.run();
                 let _ = done_tx.send(());
             })
-            .map_err(ConsumerError::Thread)?;
+            .map_err(|e| {
+                // The poll loop, which would have stopped it, never ran.
+                sink.stop();
+                ConsumerError::Thread(e)
+            })?;
         Ok(ConsumerThread {
             stop,
             handle: Some(handle),
@@ -527,7 +564,8 @@ impl ConsumerThread {
 
 struct PollLoop {
     consumer: Arc<AggregatorConsumer>,
-    sink: Arc<KafkaOffsetSink>,
+    /// The thread that commits what the committer hands over; it ends after the final drain.
+    committing: JoinHandle<()>,
     stop: Arc<AtomicBool>,
     batch: usize,
     window: i64,
@@ -584,69 +622,22 @@ impl PollLoop {
                 }
             }
             self.flow_control();
-            self.commit_due();
         }
         let all: Vec<TopicPartition> = context.assigned().keys().cloned().collect();
         context.drain(&self.consumer, &all);
+        context.sink.stop();
+        if self.committing.join().is_err() {
+            tracing::error!("the offset commit thread panicked");
+        }
         self.consumer.unsubscribe();
         // Serve the (now empty) revoke callback so the group sees this member leave promptly.
         while self.consumer.poll(Duration::from_millis(10)).is_some() {}
-        // The offset sink keeps the consumer, and so this context, until the committer stops.
+        // librdkafka may keep the consumer, and so this context, a while longer.
         context
             .restorer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-    }
-
-    /// Commits what the committer found committable, for partitions still assigned.
-    fn commit_due(&self) {
-        let due = self.sink.take_due();
-        if due.is_empty() {
-            return;
-        }
-        let context = self.consumer.context();
-        let mut tpl = TopicPartitionList::new();
-        let mut committed = Vec::new();
-        {
-            let assigned = context.assigned();
-            for (tp, offset) in &due {
-                if let Some(a) = assigned.get(tp) {
-                    let _ =
-                        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
-                    committed.push((a.stats.clone(), *offset));
-                }
-            }
-        }
-        if tpl.count() == 0 {
-            return;
-        }
-        let started = Instant::now();
-        let metrics = &context.pipeline.metrics;
-        let stats = &context.pipeline.topology.committer;
-        // Shown in /health once it waits too long: the loop polls nothing meanwhile, so neither
-        // the client's errors nor its statistics can tell of a broker that went down.
-        set(&stats.waiting_since, Some(started));
-        let committed_or_not = self.consumer.commit(&tpl, CommitMode::Sync);
-        set(&stats.waiting_since, None);
-        match committed_or_not {
-            Ok(()) => {
-                metrics
-                    .commit_latency
-                    .observe(started.elapsed().as_secs_f64());
-                for (partition, offset) in committed {
-                    partition.committed.store(offset, Ordering::Relaxed);
-                }
-                set(&stats.last_fault, None);
-            }
-            Err(e) => {
-                tracing::warn!("offset commit failed, will retry: {e}");
-                metrics.fault("commit");
-                stats.failures.fetch_add(1, Ordering::Relaxed);
-                set(&stats.last_fault, Some(e.to_string()));
-                self.sink.retry(due);
-            }
-        }
     }
 
     /// Pauses partitions whose in-flight window is full; resumes them once an eighth of it is

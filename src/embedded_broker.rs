@@ -78,6 +78,46 @@ impl EmbeddedBroker {
         })
     }
 
+    /// Holds back the broker's answers to the next `count` requests of `api` for `delay` each; they
+    /// are answered as usual after it (a slow group coordinator, say). Later answers on the same
+    /// connection wait behind a held one, as they would behind a slow broker.
+    pub fn delay_answers(
+        &self,
+        api: rdkafka_sys::types::RDKafkaApiKey,
+        count: usize,
+        delay: std::time::Duration,
+    ) -> Result<(), BrokerError> {
+        let delay_ms = std::ffi::c_int::try_from(delay.as_millis()).unwrap_or(std::ffi::c_int::MAX);
+        let no_error = rdkafka_sys::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR;
+        // SAFETY: the handle belongs to `owner`, which is alive.
+        let handle =
+            unsafe { rdkafka_sys::rd_kafka_handle_mock_cluster(self.owner.client().native_ptr()) };
+        assert!(
+            !handle.is_null(),
+            "the owner was created with test.mock.num.brokers"
+        );
+        for _ in 0..count {
+            // SAFETY: the handle is a live mock cluster (above); the variadic part is one (error
+            // code, delay in ms) pair of C ints, as `cnt` = 1 says.
+            let err = unsafe {
+                rdkafka_sys::rd_kafka_mock_broker_push_request_error_rtts(
+                    handle,
+                    1,
+                    api as i16,
+                    1,
+                    no_error as std::ffi::c_int,
+                    delay_ms,
+                )
+            };
+            if err != no_error {
+                return Err(BrokerError(rdkafka::error::KafkaError::MockCluster(
+                    err.into(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The cluster's `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> String {
         self.cluster().bootstrap_servers()

@@ -15,6 +15,7 @@ pub mod embedded_broker;
 pub mod event_producer;
 pub mod generator;
 pub mod http;
+pub mod offset_sink;
 pub mod pipeline_bench;
 pub mod service;
 pub mod thread_cpu;

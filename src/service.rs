@@ -23,9 +23,10 @@ use aggregator_actors::{RulesError, Store, StoreError};
 use crate::changelog_producer::{ChangelogSetupError, KafkaChangelog};
 use crate::changelog_restorer::ChangelogRestorer;
 use crate::config::Config;
-use crate::consumer::{ConsumerError, ConsumerThread, KafkaOffsetSink};
+use crate::consumer::{ConsumerError, ConsumerThread};
 use crate::dead_letter_producer::KafkaDeadLetters;
 use crate::http::{routes, ApiState};
+use crate::offset_sink::KafkaOffsetSink;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]

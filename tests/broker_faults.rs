@@ -72,3 +72,58 @@ async fn commits_fetches_and_the_broker_fail_and_the_service_recovers() {
     }
     running.shutdown().await.unwrap();
 }
+
+/// An offset commit that the broker is slow to answer holds up no reading: the consumer polls and
+/// hands records on while the commit waits.
+#[actix_rt::test]
+async fn a_slow_commit_holds_up_no_reading() {
+    let (_dir, mut config, broker) = setup();
+    // While a commit waits, at most the in-flight windows and one poll batch can be read but not
+    // yet counted: 28 partitions x 20 + 100 records.
+    config.tuning.max_in_flight_per_partition = 20;
+    config.tuning.poll_batch = 100;
+    let unseen_bound = 28 * 20 + 100;
+    let (produced, expected) = produce_generated(&config, 20_000, 2_000, 43).await;
+
+    let running = service::start(&config).await.unwrap();
+    wait_applied(&running, 2_000).await;
+    broker
+        .delay_answers(RDKafkaApiKey::OffsetCommit, 1, Duration::from_secs(2))
+        .unwrap();
+    let waiting_since = || *running.topology.committer.waiting_since.lock().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        // The commits the broker answers at once are done in a few milliseconds.
+        if let Some(since) = waiting_since().filter(|s| s.elapsed() > Duration::from_millis(300)) {
+            break since;
+        }
+        assert!(Instant::now() < deadline, "no commit was held back");
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    };
+    let consumed_then = running.metrics.totals().0;
+    loop {
+        let consumed = running.metrics.totals().0;
+        if consumed > consumed_then + unseen_bound {
+            eprintln!(
+                "{} records read in the {:?} a commit has waited",
+                consumed - consumed_then,
+                held.elapsed()
+            );
+            break;
+        }
+        assert_eq!(
+            waiting_since(),
+            Some(held),
+            "the held commit was answered after {:?}, and meanwhile only {} records were read",
+            held.elapsed(),
+            consumed - consumed_then
+        );
+        actix::clock::sleep(Duration::from_millis(5)).await;
+    }
+
+    wait_committed(&running, &end_offsets(&produced), Duration::from_secs(240)).await;
+    assert_views_exact(&running, &expected).await;
+    let (_, applied, _) = running.metrics.totals();
+    assert_eq!(applied, expected.applied, "applied exactly once");
+    running.shutdown().await.unwrap();
+}
