@@ -1,5 +1,5 @@
-//! The changelog sink of the service: an idempotent Kafka producer that writes each view to its
-//! partition of the changelog topic and reports how far each partition got.
+//! The changelog sink of the service: an idempotent Kafka producer that writes each bundle of views
+//! to its partition of the changelog topic and reports how far each partition got.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -95,9 +95,8 @@ impl ChangelogSink for KafkaChangelog {
         Box::pin(async move {
             let mut deliveries = Vec::with_capacity(records.len());
             for r in &records {
-                let mut record = FutureRecord::to(&topic)
+                let mut record = FutureRecord::<(), [u8]>::to(&topic)
                     .partition(r.partition)
-                    .key(r.key.as_bytes())
                     .payload(r.value.as_slice());
                 loop {
                     match producer.send_result(record) {

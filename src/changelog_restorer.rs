@@ -151,9 +151,10 @@ impl ChangelogRestorer {
                 );
             }
             let Some(value) = m.payload() else { continue };
-            let entry = ChangelogEntry::decode(p, offset, value)?;
             let entries = pending.entry(p).or_default();
-            entries.push((offset, entry));
+            for entry in ChangelogEntry::decode_all(p, offset, value)? {
+                entries.push((offset, entry));
+            }
             if entries.len() >= RESTORE_CHUNK {
                 write(p, entries, restored)?;
             }

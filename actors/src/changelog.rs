@@ -22,14 +22,15 @@ pub struct ChangelogEntry {
     pub markers: Vec<String>,
 }
 
-/// A changelog record ready to send: its partition, key (the entity) and encoded entry.
+/// A changelog record ready to send: its partition and a bundle of encoded entries.
 #[derive(Clone, Debug)]
 pub struct ChangelogRecord {
-    /// Changelog partition: the partition number the entity belongs to.
+    /// Changelog partition: the partition number its entities belong to.
     pub partition: i32,
-    /// The entity key.
-    pub key: String,
-    /// The encoded [`ChangelogEntry`].
+    /// Entries (views) in the bundle.
+    pub entries: usize,
+    /// The bundle: [`BUNDLE_V2`], then each entry's length (4 bytes, big-endian) and the entry in
+    /// the binary format ([`BINARY_V1`]).
     pub value: Vec<u8>,
 }
 
@@ -62,27 +63,101 @@ pub enum ChangelogError {
 /// `{`.
 const BINARY_V1: u8 = 1;
 
-impl ChangelogRecord {
-    /// The record of `view`, whose encoding ([`view_codec`]) is `encoded` (encoded once for the
-    /// store and the changelog alike), with the message ids it newly holds: a format byte, the
-    /// encoded view's length (4 bytes, big-endian) and the view, then the ids in postcard.
-    pub fn of_view(view: &Aggregate, encoded: &[u8], markers: &[String]) -> Self {
-        let mut value = Vec::with_capacity(encoded.len() + 16 + markers.len() * 40);
-        value.push(BINARY_V1);
-        value.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-        value.extend_from_slice(encoded);
-        // Writing strings into a vector cannot fail.
-        let value = postcard::to_io(markers, value).unwrap_or_default();
-        ChangelogRecord {
-            partition: view.partition,
-            key: view.key.clone(),
-            value,
+/// First byte of a bundle of binary records, the format written since one record per view cost
+/// the producer, the broker and the service more than the views' bytes did (docs/benchmarks.md,
+/// "Changelog records in bundles").
+const BUNDLE_V2: u8 = 2;
+
+/// Size a bundle is closed at (one view larger than this goes alone): well under the 1 MB that
+/// Kafka and librdkafka accept in a record by default.
+pub const BUNDLE_BYTES: usize = 256 * 1024;
+
+/// Gathers the changelog entries of one write into bundles of up to [`BUNDLE_BYTES`] per
+/// partition, in the order they are added.
+#[derive(Default)]
+pub struct ChangelogBundler {
+    open: HashMap<i32, ChangelogRecord>,
+    closed: Vec<ChangelogRecord>,
+}
+
+impl ChangelogBundler {
+    /// Adds the entry of `view`, whose encoding ([`view_codec`]) is `encoded` (encoded once for
+    /// the store and the changelog alike), with the message ids it newly holds: a format byte,
+    /// the encoded view's length (4 bytes, big-endian) and the view, then the ids in postcard.
+    pub fn add(&mut self, view: &Aggregate, encoded: &[u8], markers: &[String]) {
+        // An estimate: it only decides where a bundle ends.
+        let size = 9 + encoded.len() + markers.iter().map(|m| m.len() + 2).sum::<usize>();
+        let bundle = self
+            .open
+            .entry(view.partition)
+            .or_insert_with(|| ChangelogRecord {
+                partition: view.partition,
+                entries: 0,
+                value: Vec::new(),
+            });
+        if bundle.entries > 0 && bundle.value.len() + size > BUNDLE_BYTES {
+            let next = ChangelogRecord {
+                partition: view.partition,
+                entries: 0,
+                value: Vec::new(),
+            };
+            self.closed.push(std::mem::replace(bundle, next));
         }
+        if bundle.value.is_empty() {
+            bundle.value.reserve(size.max(BUNDLE_BYTES / 4));
+            bundle.value.push(BUNDLE_V2);
+        }
+        let start = bundle.value.len();
+        bundle.value.extend_from_slice(&[0; 4]);
+        bundle.value.push(BINARY_V1);
+        bundle
+            .value
+            .extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        bundle.value.extend_from_slice(encoded);
+        // Writing strings into a vector cannot fail.
+        let _ = postcard::to_io(markers, &mut bundle.value);
+        let len = (bundle.value.len() - start - 4) as u32;
+        bundle.value[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        bundle.entries += 1;
+    }
+
+    /// The bundles, each partition's in the order their entries were added.
+    pub fn finish(mut self) -> Vec<ChangelogRecord> {
+        let mut open: Vec<ChangelogRecord> = self.open.into_values().collect();
+        open.sort_by_key(|r| r.partition);
+        self.closed.extend(open);
+        self.closed
     }
 }
 
 impl ChangelogEntry {
-    /// Decodes the record at `offset` of changelog `partition`, binary or JSON.
+    /// Decodes the entries of the record at `offset` of changelog `partition`: a bundle, or one
+    /// entry as earlier versions wrote them.
+    pub fn decode_all(
+        partition: i32,
+        offset: i64,
+        value: &[u8],
+    ) -> Result<Vec<Self>, ChangelogError> {
+        let Some((&BUNDLE_V2, mut rest)) = value.split_first() else {
+            return Ok(vec![Self::decode(partition, offset, value)?]);
+        };
+        let mut entries = Vec::new();
+        while !rest.is_empty() {
+            let cut = || ChangelogError::Decode {
+                partition,
+                offset,
+                reason: format!("bundle cut short after {} entries", entries.len()),
+            };
+            let (len, after) = rest.split_first_chunk::<4>().ok_or_else(cut)?;
+            let len = u32::from_be_bytes(*len) as usize;
+            let entry = after.get(..len).ok_or_else(cut)?;
+            entries.push(Self::decode(partition, offset, entry)?);
+            rest = &after[len..];
+        }
+        Ok(entries)
+    }
+
+    /// Decodes one entry at `offset` of changelog `partition`, binary or JSON.
     pub fn decode(partition: i32, offset: i64, value: &[u8]) -> Result<Self, ChangelogError> {
         let error = |reason: String| ChangelogError::Decode {
             partition,
@@ -161,25 +236,87 @@ pub fn restore_into(
 mod tests {
     use super::*;
 
-    #[test]
-    fn an_entry_round_trips_and_a_bad_record_names_its_place() {
-        let mut view = Aggregate::new("C1", 2);
-        view.events_applied = 4;
-        let entry = ChangelogEntry {
+    fn entry(key: &str, partition: i32, applied: u64, markers: &[&str]) -> ChangelogEntry {
+        let mut view = Aggregate::new(key, partition);
+        view.events_applied = applied;
+        ChangelogEntry {
             view,
-            markers: vec!["m3".into(), "m4".into()],
-        };
-        let encoded = view_codec::encode(&entry.view).unwrap();
-        let record = ChangelogRecord::of_view(&entry.view, &encoded, &entry.markers);
-        assert_eq!((record.partition, record.key.as_str()), (2, "C1"));
-        assert_eq!(ChangelogEntry::decode(2, 9, &record.value).unwrap(), entry);
-        let err = ChangelogEntry::decode(2, 9, b"{\"view\":1}").unwrap_err();
+            markers: markers.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    fn bundle(entries: &[ChangelogEntry]) -> Vec<ChangelogRecord> {
+        let mut bundler = ChangelogBundler::default();
+        for e in entries {
+            bundler.add(&e.view, &view_codec::encode(&e.view).unwrap(), &e.markers);
+        }
+        bundler.finish()
+    }
+
+    #[test]
+    fn entries_round_trip_in_a_bundle_per_partition_and_a_bad_record_names_its_place() {
+        let entries = [
+            entry("C1", 2, 4, &["m3", "m4"]),
+            entry("C2", 1, 1, &[]),
+            entry("C3", 2, 7, &["m9"]),
+        ];
+        let records = bundle(&entries);
+        let by_partition: Vec<(i32, usize)> =
+            records.iter().map(|r| (r.partition, r.entries)).collect();
+        assert_eq!(by_partition, [(1, 1), (2, 2)]);
+        assert_eq!(
+            ChangelogEntry::decode_all(2, 9, &records[1].value).unwrap(),
+            [entries[0].clone(), entries[2].clone()]
+        );
+        let err = ChangelogEntry::decode_all(2, 9, b"{\"view\":1}").unwrap_err();
         assert!(err.to_string().contains("partition 2 offset 9"), "{err}");
-        let cut = ChangelogEntry::decode(2, 9, &record.value[..8]).unwrap_err();
+        let value = &records[1].value;
+        let cut = ChangelogEntry::decode_all(2, 9, &value[..value.len() - 3]).unwrap_err();
         assert!(cut.to_string().contains("cut short"), "{cut}");
-        // Records of earlier versions, in JSON, still decode.
-        let json = serde_json::to_vec(&entry).unwrap();
-        assert_eq!(ChangelogEntry::decode(2, 9, &json).unwrap(), entry);
+        // Records of earlier versions, one entry each in binary or in JSON, still decode.
+        let single = &value[5..5 + u32::from_be_bytes(value[1..5].try_into().unwrap()) as usize];
+        assert_eq!(
+            ChangelogEntry::decode_all(2, 9, single).unwrap(),
+            [entries[0].clone()]
+        );
+        let json = serde_json::to_vec(&entries[0]).unwrap();
+        assert_eq!(
+            ChangelogEntry::decode_all(2, 9, &json).unwrap(),
+            [entries[0].clone()]
+        );
+    }
+
+    #[test]
+    fn a_bundle_closes_at_its_size_and_keeps_each_partitions_order() {
+        let long = "x".repeat(1000);
+        let entries: Vec<ChangelogEntry> = (0..600)
+            .map(|i| entry(&format!("C{i}"), i % 2, 1, &[long.as_str()]))
+            .collect();
+        let records = bundle(&entries);
+        for r in &records {
+            assert!(r.value.len() <= BUNDLE_BYTES, "{} bytes", r.value.len());
+        }
+        assert!(records.len() >= 4, "600 KB in {} bundles", records.len());
+        for partition in [0, 1] {
+            let decoded: Vec<ChangelogEntry> = records
+                .iter()
+                .filter(|r| r.partition == partition)
+                .flat_map(|r| ChangelogEntry::decode_all(partition, 0, &r.value).unwrap())
+                .collect();
+            let expected: Vec<ChangelogEntry> = entries
+                .iter()
+                .filter(|e| e.view.partition == partition)
+                .cloned()
+                .collect();
+            assert_eq!(decoded, expected, "partition {partition} in order");
+        }
+        // One view larger than a bundle goes alone.
+        let huge = "y".repeat(BUNDLE_BYTES);
+        let records = bundle(&[entry("small", 0, 1, &[]), entry("huge", 0, 1, &[&huge])]);
+        assert_eq!(
+            records.iter().map(|r| r.entries).collect::<Vec<_>>(),
+            [1, 1]
+        );
     }
 
     #[test]

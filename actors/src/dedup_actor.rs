@@ -28,7 +28,7 @@ use actix::prelude::*;
 use std::future::Future;
 
 use crate::aggregate::Aggregate;
-use crate::changelog::{ChangelogRecord, ChangelogSink};
+use crate::changelog::{ChangelogBundler, ChangelogRecord, ChangelogSink};
 use crate::kill::{injected_panic, Kill};
 use crate::ledger::{Ledger, Staged, Taken};
 use crate::metrics::Metrics;
@@ -88,16 +88,14 @@ struct Encoded {
 fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
     let mut parts = Vec::with_capacity(staged.views.len().div_ceil(VIEWS_PER_PART));
     let mut part = WriteBatch::default();
-    // Sized up front: grown by doubling, this vector was copied and faulted in afresh a dozen
-    // times a write.
-    let mut records = Vec::with_capacity(if changelog { staged.views.len() } else { 0 });
+    let mut bundler = changelog.then(ChangelogBundler::default);
     for (view, markers) in staged.views.values() {
         if part.views == VIEWS_PER_PART {
             parts.push(std::mem::take(&mut part));
         }
         let encoded = view_codec::encode(view).map_err(|e| StoreError::Write(e.to_string()))?;
-        if changelog {
-            records.push(ChangelogRecord::of_view(view, &encoded, markers));
+        if let Some(bundler) = &mut bundler {
+            bundler.add(view, &encoded, markers);
         }
         for id in markers {
             part.add_marker(view.partition, id);
@@ -106,11 +104,12 @@ fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
     }
     // The last part, empty for a write without views: it still carries the changelog offsets.
     parts.push(part);
+    let records = bundler.map(ChangelogBundler::finish).unwrap_or_default();
     Ok(Encoded { parts, records })
 }
 
 /// A write encoded and its views sent to the changelog: the store batches of its parts, the
-/// number of records sent, and the changelog offset each changelog partition reached.
+/// number of views sent, and the changelog offset each changelog partition reached.
 type Prepared = (Vec<WriteBatch>, u64, HashMap<i32, i64>);
 
 /// Encodes a write on a blocking thread (its views are snapshots the entity actors no longer
@@ -124,7 +123,7 @@ async fn prepare(
         .await
         .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
     let Encoded { parts, records } = encoded.map_err(WriteFailure::Store)?;
-    let sent = records.len() as u64;
+    let sent = records.iter().map(|r| r.entries as u64).sum();
     let ends = match &changelog {
         Some(sink) if !records.is_empty() => sink.send(records).await,
         _ => Ok(HashMap::new()),
@@ -595,6 +594,7 @@ impl Handler<Release> for DedupActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::ChangelogEntry;
 
     fn view(key: &str, events: u64) -> Arc<Aggregate> {
         let mut view = Aggregate::new(key, 0);
@@ -615,7 +615,10 @@ mod tests {
             .views
             .insert("stored".into(), (view("stored", 5), vec!["m3".into()]));
         let Encoded { parts, records } = encode(&staged, true).expect("encodes");
-        assert_eq!((parts.len(), parts[0].views, records.len()), (1, 2, 2));
+        assert_eq!((parts.len(), parts[0].views), (1, 2));
+        // Both views belong to partition 0: one bundle.
+        let bundles: Vec<(i32, usize)> = records.iter().map(|r| (r.partition, r.entries)).collect();
+        assert_eq!(bundles, [(0, 2)]);
         for part in parts {
             store.write(part).expect("written");
         }
@@ -628,10 +631,14 @@ mod tests {
         for id in ["m1", "m2", "m3"] {
             assert!(store.has_marker(0, id).expect("read"), "marker {id} stored");
         }
-        let sent: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        let sent: Vec<String> = records
+            .iter()
+            .flat_map(|r| ChangelogEntry::decode_all(r.partition, 0, &r.value).expect("decodes"))
+            .map(|e| e.view.key)
+            .collect();
         assert_eq!(sent.len(), 2);
         assert!(
-            sent.contains(&"new") && sent.contains(&"stored"),
+            sent.contains(&"new".to_string()) && sent.contains(&"stored".to_string()),
             "{sent:?}"
         );
     }
