@@ -1,5 +1,6 @@
 //! The changelog: every view the dedup actor writes is also published, with the message ids whose
-//! effects it newly holds, to partition *p* of a changelog topic, before the store write. An
+//! effects it newly holds, to partition *p* of a changelog topic (in bundles, a few Kafka records
+//! per partition and write), before the store write. An
 //! instance that is assigned partition *p* replays the records it has not seen into its store, so
 //! a partition's state follows it from one instance to the next (DESIGN §3a).
 

@@ -150,6 +150,9 @@ impl Unfinished {
     }
 }
 
+/// How often a supervisor forgets the records the committer has passed when no records arrive.
+const FORGET_COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The partition supervisor.
 pub struct PartitionSupervisor {
     tp: TopicPartition,
@@ -186,6 +189,19 @@ impl PartitionSupervisor {
         self.died = true;
         ctx.stop();
         true
+    }
+
+    /// Forgets the records the committer has passed, and shows how many are still held.
+    fn forget_committed(&mut self) {
+        self.unfinished
+            .prune(self.stats.committable.load(Ordering::Relaxed));
+        self.show_held();
+    }
+
+    fn show_held(&self) {
+        self.stats
+            .held
+            .store(self.unfinished.order.len() as i64, Ordering::Relaxed);
     }
 
     /// The live actor of `key`, started if there is none.
@@ -267,6 +283,11 @@ impl Actor for PartitionSupervisor {
             .topology
             .supervisors
             .insert(self.tp.clone(), ctx.address());
+        // Records are otherwise forgotten as the next ones arrive: after the last of a burst, a
+        // partition kept tens of thousands of them until traffic resumed.
+        ctx.run_interval(FORGET_COMMITTED_EVERY, |supervisor, _| {
+            supervisor.forget_committed()
+        });
         tracing::info!(tp = %self.tp, "partition supervisor started");
     }
 
@@ -305,8 +326,7 @@ impl Handler<Deliver> for PartitionSupervisor {
         self.stats
             .position
             .store(last.record.origin.offset + 1, Ordering::Relaxed);
-        self.unfinished
-            .prune(self.stats.committable.load(Ordering::Relaxed));
+        self.forget_committed();
         let p = self.pipeline.clone();
         p.committer.do_send(Register {
             tp: self.tp.clone(),
@@ -332,6 +352,7 @@ impl Handler<Deliver> for PartitionSupervisor {
                 }
             }
         }
+        self.show_held();
     }
 }
 
@@ -342,8 +363,7 @@ impl Handler<ReplayEntity> for PartitionSupervisor {
         if self.outlived_reset(ctx) {
             return;
         }
-        self.unfinished
-            .prune(self.stats.committable.load(Ordering::Relaxed));
+        self.forget_committed();
         if let Some((key, _)) = self.unfinished.by_key.get_key_value(msg.key.as_str()) {
             let key = key.clone();
             self.catch_up(&key, None);

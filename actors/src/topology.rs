@@ -27,6 +27,9 @@ pub struct PartitionStats {
     pub high_watermark: AtomicI64,
     /// Records registered and not yet fully processed.
     pub in_flight: AtomicI64,
+    /// Records the supervisor keeps to hand to an entity's next actor, until the committer passes
+    /// them: those in flight and the finished ones behind the oldest unfinished.
+    pub held: AtomicI64,
     /// Lowest offset not yet fully processed (what a commit would carry now).
     pub committable: AtomicI64,
     /// Whether consumption of the partition is paused for backpressure.
@@ -42,6 +45,7 @@ impl PartitionStats {
             position: AtomicI64::new(UNKNOWN),
             high_watermark: AtomicI64::new(UNKNOWN),
             in_flight: AtomicI64::new(0),
+            held: AtomicI64::new(0),
             committable: AtomicI64::new(UNKNOWN),
             paused: AtomicBool::new(false),
         }
@@ -222,6 +226,8 @@ pub struct PartitionSnapshot {
     pub position: Option<i64>,
     /// Records in flight.
     pub in_flight: i64,
+    /// Records kept for replay until committable.
+    pub held: i64,
     /// Watermark minus position, if known.
     pub lag: Option<i64>,
     /// Whether the partition is paused for backpressure.
@@ -340,6 +346,7 @@ impl Topology {
                 watermark: known(p.high_watermark.load(Ordering::Relaxed)),
                 position: known(p.position.load(Ordering::Relaxed)),
                 in_flight: p.in_flight.load(Ordering::Relaxed),
+                held: p.held.load(Ordering::Relaxed),
                 lag: p.lag(),
                 paused: p.paused.load(Ordering::Relaxed),
             })
