@@ -20,6 +20,9 @@ pub struct EmbeddedBroker {
 #[error("embedded broker: {0}")]
 pub struct BrokerError(#[from] rdkafka::error::KafkaError);
 
+/// Id of the embedded broker's only broker (`test.mock.num.brokers` = 1 numbers them from 1).
+const BROKER_ID: i32 = 1;
+
 /// Group join delay of the embedded broker. Kafka waits 3 s for more members before the first
 /// assignment; a single process has no one to wait for.
 const INITIAL_REBALANCE_DELAY_MS: i32 = 100;
@@ -102,7 +105,7 @@ impl EmbeddedBroker {
             let err = unsafe {
                 rdkafka_sys::rd_kafka_mock_broker_push_request_error_rtts(
                     handle,
-                    1,
+                    BROKER_ID,
                     api as i16,
                     1,
                     no_error as std::ffi::c_int,

@@ -198,6 +198,7 @@ impl PartitionSupervisor {
         self.show_held();
     }
 
+    /// Shows in `/topology` how many records the supervisor holds.
     fn show_held(&self) {
         self.stats
             .held
@@ -283,8 +284,9 @@ impl Actor for PartitionSupervisor {
             .topology
             .supervisors
             .insert(self.tp.clone(), ctx.address());
-        // Records are otherwise forgotten as the next ones arrive: after the last of a burst, a
-        // partition kept tens of thousands of them until traffic resumed.
+        // Records are otherwise forgotten as the next ones arrive: after the last of a burst, the
+        // supervisors kept tens of thousands of them (38,759 over 28 partitions after a
+        // benchmark) until traffic resumed.
         ctx.run_interval(FORGET_COMMITTED_EVERY, |supervisor, _| {
             supervisor.forget_committed()
         });
