@@ -30,8 +30,8 @@ pub struct ChangelogRecord {
     pub partition: i32,
     /// Entries (views) in the bundle.
     pub entries: usize,
-    /// The bundle: [`BUNDLE_V2`], then each entry's length (4 bytes, big-endian) and the entry in
-    /// the binary format ([`BINARY_V1`]).
+    /// The bundle: a format byte (2), then each entry's length (4 bytes, big-endian) and the
+    /// entry in the binary format of a single-view record (format byte 1).
     pub value: Vec<u8>,
 }
 
