@@ -24,7 +24,7 @@ struct Due {
     stopping: bool,
 }
 
-/// Offsets due for commit, taken by the commit thread ([`spawn_commit_thread`]).
+/// Offsets due for commit, taken by the commit thread (`spawn_commit_thread`).
 #[derive(Default)]
 pub struct KafkaOffsetSink {
     due: Mutex<Due>,

@@ -176,7 +176,7 @@ impl PartialEq for Section {
 }
 
 /// Written as the [`SourceSection`] it holds (the store's binary form goes through
-/// [`Section::put_binary`] and copies stored bytes instead).
+/// `Section::put_binary` and copies stored bytes instead).
 impl Serialize for Section {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.get()

@@ -2,7 +2,7 @@
 //! batches so that a marker never exists without its effect.
 //!
 //! Keys: `e/{entity}` holds the view ([`crate::view_codec`]); `d/{partition:05}/{seq:020}` holds
-//! the message ids one batch marked as applied in the partition (see [`crate::marker_index`]: one
+//! the message ids one batch marked as applied in the partition (see `marker_index.rs`: one
 //! entry per partition per batch, looked up in memory, expired whole once the dedup window has
 //! passed all its ids); `c/{partition:05}` is the changelog offset up to which the partition's
 //! state is in the store. Stores written by earlier versions also hold `p/{partition:05}/{entity}`
