@@ -126,10 +126,7 @@ fn since(first: Option<(Instant, f64)>) -> (f64, f64) {
 /// CPU time this process has used so far, user and system, every thread, in seconds (0 where
 /// `/proc` is unreadable).
 pub(crate) fn process_cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| thread_cpu::parse_stat(&stat).map(|(_, seconds)| seconds))
-        .unwrap_or(0.0)
+    thread_cpu::process_cpu_seconds().unwrap_or(0.0)
 }
 
 /// What the benchmark measured.

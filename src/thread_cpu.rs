@@ -114,12 +114,22 @@ impl Snapshot {
 
 /// CPU seconds the calling thread has used so far (user and system), if `/proc` tells.
 pub fn own_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    stat_seconds("/proc/thread-self/stat")
+}
+
+/// CPU seconds every thread of this process has used so far (user and system), if `/proc` tells.
+pub fn process_cpu_seconds() -> Option<f64> {
+    stat_seconds("/proc/self/stat")
+}
+
+/// The CPU seconds in the `/proc` stat file at `path`.
+fn stat_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     parse_stat(&stat).map(|(_, seconds)| seconds)
 }
 
 /// The name and the CPU seconds (user and system) in a `/proc/.../stat` line.
-pub(crate) fn parse_stat(stat: &str) -> Option<(&str, f64)> {
+fn parse_stat(stat: &str) -> Option<(&str, f64)> {
     // The name is in parentheses and may hold spaces and parentheses itself; the fields after
     // it start with the state, field 3, and utime and stime are fields 14 and 15.
     let (head, rest) = stat.rsplit_once(')')?;
