@@ -18,7 +18,7 @@ use aggregator_actors::topology::{LatencyHistogram, LatencySummary};
 
 use crate::config::Config;
 use crate::consumer::to_record;
-use crate::demo::all_committed;
+use crate::demo::{all_committed, reached_ends};
 use crate::embedded_broker::EmbeddedBroker;
 use crate::event_producer::{Deliveries, EventProducer};
 use crate::generator::{Generator, GeneratorConfig, Kind};
@@ -377,10 +377,11 @@ fn read_to_ends(
     ends: &std::collections::BTreeMap<(String, i32), i64>,
 ) -> anyhow::Result<bool> {
     let positions = consumer.position()?;
-    Ok(ends.iter().all(|((topic, partition), end)| {
-        positions
-            .find_partition(topic, *partition)
-            .is_some_and(|p| matches!(p.offset(), rdkafka::Offset::Offset(o) if o >= *end))
+    Ok(reached_ends(ends, |topic, partition| {
+        match positions.find_partition(topic, partition)?.offset() {
+            rdkafka::Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }
     }))
 }
 

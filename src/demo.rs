@@ -216,11 +216,23 @@ fn progress_line(service: &RunningService, produced: u64) -> String {
 
 /// Whether every (topic, partition) in `ends` has its committed offset at its end offset.
 pub fn all_committed(service: &RunningService, ends: &BTreeMap<(String, i32), i64>) -> bool {
+    reached_ends(ends, |topic, partition| {
+        service
+            .topology
+            .partitions
+            .iter()
+            .find(|p| &*p.tp.topic == topic && p.tp.partition == partition)
+            .map(|p| p.committed.load(Ordering::Relaxed))
+    })
+}
+
+/// Whether every (topic, partition) in `ends` has reached its end offset, where `reached` tells
+/// how far a partition got (`None` when it is not known).
+pub fn reached_ends(
+    ends: &BTreeMap<(String, i32), i64>,
+    reached: impl Fn(&str, i32) -> Option<i64>,
+) -> bool {
     ends.iter().all(|((topic, partition), end)| {
-        service.topology.partitions.iter().any(|p| {
-            &*p.tp.topic == topic
-                && p.tp.partition == *partition
-                && p.committed.load(Ordering::Relaxed) >= *end
-        })
+        reached(topic, *partition).is_some_and(|offset| offset >= *end)
     })
 }
