@@ -88,21 +88,14 @@ impl ChangelogBundler {
     pub fn add(&mut self, view: &Aggregate, encoded: &[u8], markers: &[String]) {
         // An estimate: it only decides where a bundle ends.
         let size = 9 + encoded.len() + markers.iter().map(|m| m.len() + 2).sum::<usize>();
-        let bundle = self
-            .open
-            .entry(view.partition)
-            .or_insert_with(|| ChangelogRecord {
-                partition: view.partition,
-                entries: 0,
-                value: Vec::new(),
-            });
+        let empty = || ChangelogRecord {
+            partition: view.partition,
+            entries: 0,
+            value: Vec::new(),
+        };
+        let bundle = self.open.entry(view.partition).or_insert_with(empty);
         if bundle.entries > 0 && bundle.value.len() + size > BUNDLE_BYTES {
-            let next = ChangelogRecord {
-                partition: view.partition,
-                entries: 0,
-                value: Vec::new(),
-            };
-            self.closed.push(std::mem::replace(bundle, next));
+            self.closed.push(std::mem::replace(bundle, empty()));
         }
         if bundle.value.is_empty() {
             bundle.value.reserve(size.max(BUNDLE_BYTES / 4));
