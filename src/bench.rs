@@ -4,6 +4,7 @@
 //! both, their ratio, latency, memory, store size and restart time, and checks that every event
 //! was applied.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -42,8 +43,9 @@ pub struct BenchOptions {
     pub commit_interval_ms: u64,
     /// How long the bench's producer waits to fill a batch (librdkafka's `linger.ms`).
     pub linger_ms: u64,
-    /// Most records produced ahead of the consumer, so that the embedded broker's small
-    /// per-partition retention never drops an unread record.
+    /// Most records produced ahead of the consumer in all; on one partition the producer also
+    /// keeps within [`PARTITION_LEAD_CAP`], so that the embedded broker's small per-partition
+    /// retention never drops an unread record.
     pub ahead: u64,
     /// Seed of the generator.
     pub seed: u64,
@@ -214,7 +216,38 @@ struct Fed {
     _producer: EventProducer,
 }
 
-/// Produces the generated stream, never more than `ahead` records past `consumed`.
+/// Most records the bench producer may have on one partition that its consumer has not read:
+/// librdkafka's mock broker keeps 5 MiB of each partition's log (`rdkafka_mock.c`), about 18,000
+/// of the generator's records, and drops the oldest beyond that, read or not. A partition its
+/// consumer fetches seldom can fall that far behind while the total stays within `--ahead`.
+const PARTITION_LEAD_CAP: i64 = 8_000;
+
+/// Records sent between two looks at each partition's lead: at most this many more can land on
+/// one partition before the producer sees its lead at the cap.
+const LEAD_CHECK_EVERY: u64 = 1_000;
+
+/// How far the workload's consumer has got: records read in all, and each partition's next
+/// offset to read (a partition it has not reached is at 0: each run has a broker of its own).
+pub(crate) struct Progress {
+    /// Records read.
+    pub consumed: Box<dyn Fn() -> u64 + Send + Sync>,
+    /// Next offset to read per (topic, partition), where known.
+    pub positions: Box<dyn Fn() -> BTreeMap<(String, i32), i64> + Send + Sync>,
+}
+
+/// Whether any partition the producer wrote to is `cap` or more records past its consumer's
+/// position.
+fn lead_at_cap(
+    ends: &BTreeMap<(String, i32), i64>,
+    positions: &BTreeMap<(String, i32), i64>,
+    cap: i64,
+) -> bool {
+    ends.iter()
+        .any(|(tp, end)| end - positions.get(tp).copied().unwrap_or(0) >= cap)
+}
+
+/// Produces the generated stream, never more than `ahead` records past what its consumer read,
+/// nor [`PARTITION_LEAD_CAP`] past it on one partition.
 struct Feeder {
     handle: JoinHandle<anyhow::Result<Fed>>,
     deliveries: Arc<Deliveries>,
@@ -225,7 +258,7 @@ impl Feeder {
         brokers: &str,
         config: &Config,
         options: &BenchOptions,
-        consumed: Arc<dyn Fn() -> u64 + Send + Sync>,
+        progress: Progress,
     ) -> anyhow::Result<Self> {
         // The embedded broker walks a partition's batches one by one to serve a fetch, so at a
         // limited rate the batch size the producer's linger makes sets its CPU cost.
@@ -238,6 +271,7 @@ impl Feeder {
         // Connected before the first timed record, whose latency would include the connection.
         producer.connect(CONNECT_TIMEOUT)?;
         let deliveries = producer.deliveries.clone();
+        let acked = deliveries.clone();
         let generator = options.generator(config);
         let (events, ahead, rate) = (options.events, options.ahead, options.rate);
         let handle = std::thread::Builder::new()
@@ -246,8 +280,17 @@ impl Feeder {
                 let started = Instant::now();
                 let (mut sent, mut duplicates) = (0u64, 0u64);
                 for g in generator.take(events as usize) {
-                    while sent.saturating_sub(consumed()) >= ahead {
+                    while sent.saturating_sub((progress.consumed)()) >= ahead {
                         std::thread::sleep(Duration::from_micros(200));
+                    }
+                    if sent % LEAD_CHECK_EVERY == 0 {
+                        while lead_at_cap(
+                            &acked.end_offsets(),
+                            &(progress.positions)(),
+                            PARTITION_LEAD_CAP,
+                        ) {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
                     }
                     if let Some(rate) = rate {
                         // Paced a step at a time, not an event at a time: a sleep per event
@@ -307,7 +350,7 @@ fn baseline(
     for (key, value) in crate::consumer::FETCH_SETTINGS {
         client.set(key, value);
     }
-    let consumer: BaseConsumer = client.create()?;
+    let consumer: Arc<BaseConsumer> = Arc::new(client.create()?);
     let rules = config.rules()?;
     let limits = config.tuning.limits();
     let topics = rules.topics();
@@ -323,11 +366,16 @@ fn baseline(
             message?;
         }
     }
+    let reader = consumer.clone();
     let feeder = Feeder::start(
         &brokers,
         config,
         options,
-        Arc::new(move || counter.load(Ordering::Relaxed)),
+        Progress {
+            consumed: Box::new(move || counter.load(Ordering::Relaxed)),
+            // Unknown until the consumer's first fetch: every partition is then at 0.
+            positions: Box::new(move || positions_of(&reader).unwrap_or_default()),
+        },
     )?;
     let latency = LatencyHistogram::default();
     let mut first: Option<(Instant, f64)> = None;
@@ -364,8 +412,8 @@ fn baseline(
     anyhow::ensure!(
         parsed == options.events,
         "baseline: the bare consumer read {parsed} of {} records: the embedded broker dropped the \
-         rest before they were read (it keeps about 5 MB per partition, and the producer got that \
-         far ahead of the consumer on a partition); a smaller --ahead keeps it closer",
+         rest before they were read (it keeps about 5 MB per partition, and the producer is held \
+         within {PARTITION_LEAD_CAP} records of the consumer on each partition)",
         options.events
     );
     Ok((Workload::new(parsed, seconds, cpu_seconds), latency.take()))
@@ -374,15 +422,27 @@ fn baseline(
 /// Whether `consumer` has read every partition up to its end in `ends`.
 fn read_to_ends(
     consumer: &BaseConsumer,
-    ends: &std::collections::BTreeMap<(String, i32), i64>,
+    ends: &BTreeMap<(String, i32), i64>,
 ) -> anyhow::Result<bool> {
-    let positions = consumer.position()?;
+    let positions = positions_of(consumer)?;
     Ok(reached_ends(ends, |topic, partition| {
-        match positions.find_partition(topic, partition)?.offset() {
-            rdkafka::Offset::Offset(offset) => Some(offset),
-            _ => None,
-        }
+        positions.get(&(topic.to_string(), partition)).copied()
     }))
+}
+
+/// The next offset `consumer` will read of each partition it has a position in.
+fn positions_of(consumer: &BaseConsumer) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+    Ok(consumer
+        .position()?
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(offset) => {
+                Some(((e.topic().to_string(), e.partition()), offset))
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// The bare consumer on a thread of its own, as the service's consumer runs: the actors'
@@ -467,12 +527,15 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     // Events produced while the group is still forming would wait for it, and their latency
     // would measure the join, not the pipeline.
     wait_joined(&running).await;
-    let metrics = running.metrics.clone();
+    let (metrics, topology) = (running.metrics.clone(), running.topology.clone());
     let feeder = Feeder::start(
         &config.kafka.brokers,
         &config,
         &options,
-        Arc::new(move || metrics.totals().0),
+        Progress {
+            consumed: Box::new(move || metrics.totals().0),
+            positions: Box::new(move || topology.positions()),
+        },
     )?;
     let mut first: Option<(Instant, f64)> = None;
     let mut threads_at_first = Snapshot::default();
@@ -688,6 +751,24 @@ pub(crate) fn counts_text(first: &str, c: &[u64; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_at_the_cap_past_its_position_holds_the_producer_back() {
+        let tp = |t: &str, p: i32| (t.to_string(), p);
+        let ends = BTreeMap::from([(tp("orders", 0), 9_000), (tp("orders", 1), 12_000)]);
+        let mut positions = BTreeMap::from([(tp("orders", 0), 8_500), (tp("orders", 1), 4_001)]);
+        assert!(
+            !lead_at_cap(&ends, &positions, 8_000),
+            "leads 500 and 7,999"
+        );
+        positions.insert(tp("orders", 1), 4_000);
+        assert!(lead_at_cap(&ends, &positions, 8_000), "a lead of 8,000");
+        // A partition its consumer has not reached yet is read from offset 0.
+        positions.remove(&tp("orders", 0));
+        positions.insert(tp("orders", 1), 12_000);
+        assert!(lead_at_cap(&ends, &positions, 8_000), "9,000 unread from 0");
+        assert!(!lead_at_cap(&ends, &positions, 9_001));
+    }
 
     #[test]
     fn exactly_once_holds_only_when_every_record_is_applied_or_dropped_as_sent() {

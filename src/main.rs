@@ -112,8 +112,8 @@ enum Command {
         /// `linger.ms`, as upstream producers set it; at most 900000).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=900_000))]
         linger_ms: u64,
-        /// Most records produced ahead of the consumer (the embedded broker keeps a few MB per
-        /// partition).
+        /// Most records produced ahead of the consumer; on one partition never more than 8,000
+        /// whatever this says (the embedded broker keeps about 5 MB per partition).
         #[arg(long, default_value_t = 100_000)]
         ahead: u64,
         /// Message ids remembered per partition (the configuration's store.dedup_window when

@@ -1,6 +1,7 @@
 //! The live actor tree as shared counters, read by the HTTP API and the consumer's flow control
 //! without messaging the actors.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -332,6 +333,17 @@ impl Topology {
             .entry(tp.clone())
             .or_insert_with(|| Arc::new(PartitionStats::new(tp.clone())))
             .clone()
+    }
+
+    /// Each assigned partition's next offset to read, where known.
+    pub fn positions(&self) -> BTreeMap<(String, i32), i64> {
+        self.partitions
+            .iter()
+            .filter_map(|p| {
+                let position = known(p.position.load(Ordering::Relaxed))?;
+                Some(((p.tp.topic.to_string(), p.tp.partition), position))
+            })
+            .collect()
     }
 
     /// A consistent-enough picture of the whole tree, with the `busiest` deepest mailboxes.
