@@ -1,10 +1,12 @@
 //! `aggregator bench`: two workloads over the same generated events on the embedded broker, in
-//! one process: a bare consumer that only parses envelopes (the ceiling on this machine), run
+//! one process (the broker in a child process of its own, whose logs the service's peak RSS
+//! would otherwise count, and which is measured apart): a bare consumer that only parses envelopes (the ceiling on this machine), run
 //! before and after the service, and the full service until every offset is committed. Prints
 //! both, their ratio, latency, memory, store size and restart time, and checks that every event
 //! was applied.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,6 +19,7 @@ use serde::Serialize;
 
 use aggregator_actors::topology::{LatencyHistogram, LatencySummary};
 
+use crate::broker_process::BrokerProcess;
 use crate::config::Config;
 use crate::consumer::to_record;
 use crate::demo::{all_committed, reached_ends};
@@ -49,6 +52,9 @@ pub struct BenchOptions {
     pub ahead: u64,
     /// Seed of the generator.
     pub seed: u64,
+    /// The executable that serves the embedded broker in a process of its own
+    /// (`aggregator embedded-broker`): this one, as `std::env::current_exe` names it.
+    pub broker_exe: PathBuf,
 }
 
 impl BenchOptions {
@@ -75,8 +81,9 @@ pub struct Workload {
     pub seconds: f64,
     /// Events per second.
     pub events_per_sec: f64,
-    /// CPU time the whole process used meanwhile (every thread, the bench's own broker and
-    /// producer too), in microseconds per event: steadier than events/s on a shared machine.
+    /// CPU time the whole process and the embedded broker's used meanwhile (every thread, the
+    /// bench's own broker and producer too), in microseconds per event: steadier than events/s on
+    /// a shared machine.
     pub cpu_us_per_event: f64,
 }
 
@@ -118,11 +125,17 @@ fn spread(runs: &[Workload; 2]) -> f64 {
     a.max(b) / a.min(b).max(1e-9)
 }
 
-/// Wall and CPU seconds since `first` (the time and CPU time the first event was seen), or none.
-fn since(first: Option<(Instant, f64)>) -> (f64, f64) {
+/// Wall and CPU seconds since `first` (the time and CPU time the first event was seen, as
+/// [`cpu_seconds_with`] counts it), or none.
+fn since(first: Option<(Instant, f64)>, broker: &BrokerProcess) -> (f64, f64) {
     first.map_or((0.0, 0.0), |(at, cpu)| {
-        (at.elapsed().as_secs_f64(), process_cpu_seconds() - cpu)
+        (at.elapsed().as_secs_f64(), cpu_seconds_with(broker) - cpu)
     })
+}
+
+/// CPU seconds this process and the embedded broker's have used so far.
+fn cpu_seconds_with(broker: &BrokerProcess) -> f64 {
+    process_cpu_seconds() + broker.cpu_seconds().unwrap_or(0.0)
 }
 
 /// CPU time this process has used so far, user and system, every thread, in seconds (0 where
@@ -163,8 +176,13 @@ pub struct BenchReport {
     /// Record timestamp to parsed by the bare consumer in its first run, in milliseconds: the
     /// floor the broker and the client set.
     pub baseline_latency_ms: Option<LatencySummary>,
-    /// Peak resident memory during the aggregator workload, in MiB.
+    /// Peak resident memory of the bench's process during the aggregator workload, in MiB: the
+    /// service, the bench producer and its generator; not the embedded broker, which runs in a
+    /// process of its own.
     pub peak_rss_mib: f64,
+    /// Peak resident memory of the embedded broker's process during the aggregator workload, in
+    /// MiB (its logs: about 5 MB per partition once full).
+    pub broker_peak_rss_mib: f64,
     /// Store size on disk after the run, in bytes.
     pub store_bytes: u64,
     /// Entities in the store.
@@ -337,8 +355,8 @@ fn baseline(
     config: &Config,
     options: &BenchOptions,
 ) -> anyhow::Result<(Workload, Option<LatencySummary>)> {
-    let broker = EmbeddedBroker::start(config, options.partitions)?;
-    let brokers = broker.bootstrap_servers();
+    let broker = BrokerProcess::spawn(&options.broker_exe, config, options.partitions)?;
+    let brokers = broker.bootstrap_servers().to_string();
     let consumed = Arc::new(AtomicU64::new(0));
     let counter = consumed.clone();
     let mut client = ClientConfig::new();
@@ -393,7 +411,7 @@ fn baseline(
             continue;
         };
         let message = message?;
-        first.get_or_insert_with(|| (Instant::now(), process_cpu_seconds()));
+        first.get_or_insert_with(|| (Instant::now(), cpu_seconds_with(&broker)));
         let record = to_record(&message);
         // The service's own parser, so that the ceiling parses exactly what the service does.
         let event = aggregator_actors::envelope::parse(&record, &rules, &limits)
@@ -405,7 +423,7 @@ fn baseline(
         parsed += 1;
         consumed.store(parsed, Ordering::Relaxed);
     }
-    let (seconds, cpu_seconds) = since(first);
+    let (seconds, cpu_seconds) = since(first, &broker);
     feeder.join()?;
     drop(consumer);
     drop(broker);
@@ -459,7 +477,13 @@ fn baseline_on_its_thread(
 
 /// Peak resident set of this process in KiB, from /proc (0 where it is unreadable).
 pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_kib_of("/proc/self/status")
+}
+
+/// The peak resident set in KiB in the `/proc/<pid>/status` file at `status` (0 where it is
+/// unreadable).
+pub(crate) fn peak_rss_kib_of(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -521,8 +545,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     );
     // Start the peak-RSS measurement afresh for this workload (Linux: clear_refs 5).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let broker = EmbeddedBroker::start(&config, options.partitions)?;
-    config.kafka.brokers = broker.bootstrap_servers();
+    let broker = BrokerProcess::spawn(&options.broker_exe, &config, options.partitions)?;
+    config.kafka.brokers = broker.bootstrap_servers().to_string();
     let running = service::start(&config).await?;
     // Events produced while the group is still forming would wait for it, and their latency
     // would measure the join, not the pipeline.
@@ -542,8 +566,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         if first.is_none() && running.metrics.totals().0 > 0 {
-            first = Some((Instant::now(), process_cpu_seconds()));
-            threads_at_first = Snapshot::now();
+            first = Some((Instant::now(), cpu_seconds_with(&broker)));
+            threads_at_first = Snapshot::with_broker(broker.pid());
         }
         if feeder.handle.is_finished() && all_committed(&running, &feeder.deliveries.end_offsets())
         {
@@ -554,10 +578,11 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         }
         actix::clock::sleep(Duration::from_millis(1)).await;
     }
-    let (seconds, cpu_seconds) = since(first);
-    let threads_at_end = Snapshot::now();
+    let (seconds, cpu_seconds) = since(first, &broker);
+    let threads_at_end = Snapshot::with_broker(broker.pid());
     let mut cpu_by_thread = threads_at_end.since(&threads_at_first);
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
+    let broker_peak_rss_mib = broker.peak_rss_kib() as f64 / 1024.0;
     let latency = running.topology.take_latency();
     let fed = feeder.join()?;
     let (produced, duplicates, producer_cpu) = (fed.sent, fed.duplicates, fed.cpu_seconds);
@@ -626,6 +651,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         latency_ms: latency,
         baseline_latency_ms: baseline_latency,
         peak_rss_mib,
+        broker_peak_rss_mib,
         store_bytes,
         entities,
         live_bound: config.tuning.max_live_entities,
@@ -676,7 +702,8 @@ pub fn render(r: &BenchReport) -> String {
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          latency produce->parsed (bare consumer): {baseline_latency}\n\
-         peak RSS {:.0} MiB | store {:.1} MiB, {} entities\n\
+         peak RSS {:.0} MiB (the embedded broker's process apart: {:.0} MiB) | store {:.1} MiB, {} \
+         entities\n\
          live entities: bound {}, passivated {}, views loaded {} ({:.2} per event)\n\
          views written {} ({:.2} per event applied: events of one key in flight together fold \
          into one)\n\
@@ -701,6 +728,7 @@ pub fn render(r: &BenchReport) -> String {
         r.aggregator_cpu_by_thread.bench_producer,
         r.ratio,
         r.peak_rss_mib,
+        r.broker_peak_rss_mib,
         r.store_bytes as f64 / (1024.0 * 1024.0),
         r.entities,
         r.live_bound,

@@ -31,17 +31,32 @@ impl EmbeddedBroker {
     /// Starts a one-broker cluster with every source topic, the dead-letter and the changelog topic, each with
     /// `partitions` partitions (co-partitioned, as the service expects).
     pub fn start(config: &Config, partitions: i32) -> Result<Self, BrokerError> {
+        Self::start_with_topics(&Self::topics(config), partitions)
+    }
+
+    /// The topics [`EmbeddedBroker::start`] creates for `config`: every source's, the dead-letter
+    /// and the changelog topic.
+    pub fn topics(config: &Config) -> Vec<String> {
+        let sources = config.sources.iter().map(|s| s.topic.clone());
+        sources
+            .chain([
+                config.kafka.dead_letter_topic.clone(),
+                config.changelog.topic.clone(),
+            ])
+            .collect()
+    }
+
+    /// Starts a one-broker cluster with `topics`, each with `partitions` partitions.
+    pub fn start_with_topics(topics: &[String], partitions: i32) -> Result<Self, BrokerError> {
         let owner: BaseProducer = ClientConfig::new()
             .set("test.mock.num.brokers", "1")
             .create()?;
         let broker = EmbeddedBroker { owner };
         {
             let cluster = broker.cluster();
-            for source in &config.sources {
-                cluster.create_topic(&source.topic, partitions, 1)?;
+            for topic in topics {
+                cluster.create_topic(topic, partitions, 1)?;
             }
-            cluster.create_topic(&config.kafka.dead_letter_topic, partitions, 1)?;
-            cluster.create_topic(&config.changelog.topic, partitions, 1)?;
         }
         // SAFETY: the handle belongs to `owner`, which is alive, and was created with a mock
         // cluster (test.mock.num.brokers), so the pointer is non-null; the call only sets a field.

@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod bench;
+pub mod broker_process;
 pub mod changelog_producer;
 pub mod changelog_restorer;
 pub mod chaos;

@@ -84,7 +84,8 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Measure the pipeline against a bare consumer on the embedded broker, in one process.
+    /// Measure the pipeline against a bare consumer on the embedded broker, both workloads in
+    /// one process (the broker in a child process of its own).
     Bench {
         /// Configuration file (sources and rules); the shipped one when unset. Either way every
         /// key can be overridden with AGGREGATOR_<SECTION>__<KEY>.
@@ -134,6 +135,17 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Serve the embedded broker until stdin closes, printing its address first: `bench` runs
+    /// its broker so, in a process of its own.
+    #[command(hide = true)]
+    EmbeddedBroker {
+        /// Partitions per topic.
+        #[arg(long)]
+        partitions: i32,
+        /// A topic to create; repeat for each.
+        #[arg(long = "topic")]
+        topics: Vec<String>,
     },
 }
 
@@ -235,6 +247,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::EmbeddedBroker { partitions, topics } => {
+            init_logging("warn");
+            Ok(aggregator::broker_process::serve(&topics, partitions)?)
+        }
         Command::Bench {
             config,
             events,
@@ -271,6 +287,8 @@ fn main() -> anyhow::Result<()> {
                 linger_ms,
                 ahead,
                 seed,
+                broker_exe: std::env::current_exe()
+                    .context("finding this executable, to run the embedded broker")?,
             };
             if pipeline_only {
                 let report = actix::System::new().block_on(pipeline_bench::run(config, options))?;

@@ -69,33 +69,32 @@ impl CpuByGroup {
     }
 }
 
-/// The CPU seconds each live thread had used at one moment, by thread id.
+/// The CPU seconds each live thread had used at one moment, by thread id, with its group.
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot(HashMap<u32, (String, f64)>);
+pub struct Snapshot(HashMap<u32, (ThreadGroup, f64)>);
 
 impl Snapshot {
-    /// Every live thread's name and CPU time now (empty where `/proc` is unreadable).
+    /// Every live thread's group and CPU time now (empty where `/proc` is unreadable).
     pub fn now() -> Self {
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return Snapshot::default();
-        };
-        let threads = tasks
-            .flatten()
-            .filter_map(|task| {
-                let tid = task.file_name().to_str()?.parse().ok()?;
-                let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-                let (name, seconds) = parse_stat(&stat)?;
-                Some((tid, (name.to_string(), seconds)))
-            })
-            .collect();
+        let mut threads = HashMap::new();
+        read_tasks("/proc/self/task", group_of, &mut threads);
         Snapshot(threads)
+    }
+
+    /// The same, and every thread of process `broker` counted as the embedded broker's: the
+    /// bench runs its broker in a process of its own, whose threads are all the broker's.
+    pub fn with_broker(broker: u32) -> Self {
+        let mut snapshot = Snapshot::now();
+        let task = format!("/proc/{broker}/task");
+        read_tasks(&task, |_| ThreadGroup::EmbeddedBroker, &mut snapshot.0);
+        snapshot
     }
 
     /// CPU seconds the live threads of `group` had used, if any thread of it was alive.
     pub fn seconds_of(&self, group: ThreadGroup) -> Option<f64> {
         self.0
             .values()
-            .filter(|(name, _)| group_of(name) == group)
+            .filter(|(of, _)| *of == group)
             .map(|(_, seconds)| *seconds)
             .reduce(|a, b| a + b)
     }
@@ -104,11 +103,35 @@ impl Snapshot {
     /// meanwhile is not counted; one started meanwhile counts from its start).
     pub fn since(&self, earlier: &Snapshot) -> CpuByGroup {
         let mut by_group = CpuByGroup::default();
-        for (tid, (name, seconds)) in &self.0 {
+        for (tid, (group, seconds)) in &self.0 {
             let before = earlier.0.get(tid).map_or(0.0, |(_, s)| *s);
-            by_group.add(group_of(name), (seconds - before).max(0.0));
+            by_group.add(*group, (seconds - before).max(0.0));
         }
         by_group
+    }
+}
+
+/// Adds each thread under the task directory `dir` (`/proc/<pid>/task`) to `into`, in the group
+/// `group` gives its name.
+fn read_tasks(
+    dir: &str,
+    group: impl Fn(&str) -> ThreadGroup,
+    into: &mut HashMap<u32, (ThreadGroup, f64)>,
+) {
+    let Ok(tasks) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if let Some((name, seconds)) = std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_stat)
+        {
+            into.insert(tid, (group(name), seconds));
+        }
     }
 }
 
@@ -120,6 +143,11 @@ pub fn own_cpu_seconds() -> Option<f64> {
 /// CPU seconds every thread of this process has used so far (user and system), if `/proc` tells.
 pub fn process_cpu_seconds() -> Option<f64> {
     stat_seconds("/proc/self/stat")
+}
+
+/// CPU seconds every thread of process `pid` has used so far, if `/proc` tells.
+pub fn process_cpu_seconds_of(pid: u32) -> Option<f64> {
+    stat_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// The CPU seconds in the `/proc` stat file at `path`.

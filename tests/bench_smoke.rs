@@ -18,6 +18,7 @@ fn short_options() -> BenchOptions {
         linger_ms: 5,
         ahead: 5_000,
         seed: 5,
+        broker_exe: env!("CARGO_BIN_EXE_aggregator").into(),
     }
 }
 
@@ -48,6 +49,11 @@ async fn short_benchmark_completes_and_applies_every_event() {
         by_thread.service > 0.0
             && (0.5..=1.5).contains(&(parts / report.aggregator.cpu_us_per_event)),
         "the threads' shares make up the process's CPU: {}",
+        bench::render(&report)
+    );
+    assert!(
+        by_thread.embedded_broker > 0.0 && report.broker_peak_rss_mib > 0.0,
+        "the embedded broker's process is measured apart: {}",
         bench::render(&report)
     );
     assert_eq!(report.entities, 2_000);
