@@ -30,7 +30,7 @@ struct Options {
     cache_mib: u64,
     /// Views per atomic batch (one group commit). At sled's default segment size its memory steps
     /// up between 1,200 and 2,000 inserts per batch (docs/benchmarks.md, "Parts of 2,048 views,
-    /// and what holds the memory").
+    /// and what holds the memory"): its epoch collector falling behind (`--epoch-collections`).
     #[arg(long, default_value_t = 2_000)]
     batch: u64,
     /// sled's segment size in KiB: a power of two up to 16,384; 512 is sled's default, which the
@@ -40,6 +40,13 @@ struct Options {
     /// away").
     #[arg(long, default_value_t = 512)]
     segment_kib: usize,
+    /// Rounds of epoch garbage collection after each batch (0: as sled leaves it). sled hands
+    /// every node it replaces to crossbeam-epoch, which frees at most 512 items per collection
+    /// and collects at every 128th pin of a thread; a batch of thousands of inserts under one pin
+    /// leaves more than that, and here, with no other thread pinning, the old nodes pile up
+    /// (docs/benchmarks.md, "The broker in a process of its own, and sled's epoch garbage").
+    #[arg(long, default_value_t = 0)]
+    epoch_collections: u64,
     /// Directory of the store; a temporary one when unset.
     #[arg(long)]
     path: Option<PathBuf>,
@@ -92,16 +99,21 @@ fn main() -> anyhow::Result<()> {
         }
         db.apply_batch(batch).context("writing a batch")?;
         db.flush().context("flushing")?;
+        for _ in 0..o.epoch_collections {
+            crossbeam_epoch::pin().flush();
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "keys {} | writes {} | value {} bytes | cache {} MiB | batch {} | segment {} KiB: peak RSS {} MiB, {:.0} writes/s",
+        "keys {} | writes {} | value {} bytes | cache {} MiB | batch {} | segment {} KiB | epoch \
+         collections {}: peak RSS {} MiB, {:.0} writes/s",
         o.keys,
         o.writes,
         o.value_bytes,
         o.cache_mib,
         o.batch,
         o.segment_kib,
+        o.epoch_collections,
         aggregator::bench::peak_rss_kib() / 1024,
         o.writes as f64 / seconds
     );
