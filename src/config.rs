@@ -166,10 +166,11 @@ pub struct StoreConfig {
     /// (half of this on average) before its write begins; at full load a write starts when the
     /// one before is prepared, whatever this is. Shorter ones write more, smaller batches.
     pub flush_interval_ms: u64,
-    /// sled's page cache, in MiB of stored bytes. Size it to hold the store's live data (about
-    /// the encoded views plus the dedup window's markers): below that, sled pages nodes out and
-    /// keeps what it paged out, so its memory grows instead of shrinking and its writes slow
-    /// (100,000 views of 900 bytes: 200 MiB peak at 256, 6.1 GiB at 64; docs/benchmarks.md).
+    /// sled's page cache, in MiB of stored bytes. What does not fit is read back from disk when
+    /// it is needed again: a smaller cache holds less memory and costs a read when an entity
+    /// comes back (with 1,000,000 entities, 64 took about 150 MiB off the peak and a quarter of
+    /// the throughput; docs/benchmarks.md, "The broker in a process of its own, and sled's
+    /// epoch garbage").
     pub cache_mib: u64,
     /// Message ids remembered per partition for duplicate detection; the oldest are forgotten
     /// beyond this, so a duplicate that arrives after this many newer ids of its partition is
