@@ -1,9 +1,9 @@
 //! `aggregator bench`: two workloads over the same generated events on the embedded broker, in
 //! one process (the broker in a child process of its own, whose logs the service's peak RSS
-//! would otherwise count, and which is measured apart): a bare consumer that only parses envelopes (the ceiling on this machine), run
-//! before and after the service, and the full service until every offset is committed. Prints
-//! both, their ratio, latency, memory, store size and restart time, and checks that every event
-//! was applied.
+//! would otherwise count, and which is measured apart): a bare consumer that only parses
+//! envelopes (the ceiling on this machine), run before and after the service, and the full
+//! service until every offset is committed. Prints both, their ratio, latency, memory, store
+//! size and restart time, and checks that every event was applied.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

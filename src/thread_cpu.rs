@@ -17,7 +17,8 @@ pub enum ThreadGroup {
     /// librdkafka's threads and the producers' pollers, the service's clients and the bench
     /// producer's alike (their names do not say which).
     KafkaClients,
-    /// The embedded broker's thread.
+    /// The embedded broker: its thread where it runs in this process, every thread of its own
+    /// process where the bench runs it apart ([`Snapshot::with_broker`]).
     EmbeddedBroker,
     /// The bench's producer thread, which generates the events and hands them to its client.
     BenchProducer,
