@@ -47,8 +47,8 @@ pub struct BenchOptions {
     /// How long the bench's producer waits to fill a batch (librdkafka's `linger.ms`).
     pub linger_ms: u64,
     /// Most records produced ahead of the consumer in all; on one partition the producer also
-    /// keeps within [`PARTITION_LEAD_CAP`], so that the embedded broker's small per-partition
-    /// retention never drops an unread record.
+    /// keeps within 8,000 records (`PARTITION_LEAD_CAP`), so that the embedded broker's small
+    /// per-partition retention never drops an unread record.
     pub ahead: u64,
     /// Seed of the generator.
     pub seed: u64,
