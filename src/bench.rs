@@ -173,6 +173,9 @@ pub struct BenchReport {
     pub ratio: f64,
     /// Record timestamp to durable-and-committable, in milliseconds.
     pub latency_ms: Option<LatencySummary>,
+    /// Delivery to a partition supervisor to durable-and-committable, in milliseconds: the
+    /// service's own part of `latency_ms`, without the broker's and the client's.
+    pub service_latency_ms: Option<LatencySummary>,
     /// Record timestamp to parsed by the bare consumer in its first run, in milliseconds: the
     /// floor the broker and the client set.
     pub baseline_latency_ms: Option<LatencySummary>,
@@ -584,6 +587,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     let broker_peak_rss_mib = broker.peak_rss_kib() as f64 / 1024.0;
     let latency = running.topology.take_latency();
+    let service_latency = running.topology.service_latency.take();
     let fed = feeder.join()?;
     let (produced, duplicates, producer_cpu) = (fed.sent, fed.duplicates, fed.cpu_seconds);
     if threads_at_end
@@ -649,6 +653,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         aggregator_cpu_by_thread: cpu_by_thread.per_event(aggregator.events),
         aggregator,
         latency_ms: latency,
+        service_latency_ms: service_latency,
         baseline_latency_ms: baseline_latency,
         peak_rss_mib,
         broker_peak_rss_mib,
@@ -684,6 +689,7 @@ pub fn render(r: &BenchReport) -> String {
         )
     };
     let latency = percentiles(r.latency_ms);
+    let service_latency = percentiles(r.service_latency_ms);
     let baseline_latency = percentiles(r.baseline_latency_ms);
     let spread = spread(&r.baseline_runs);
     let drift = if spread > NOISY_SPREAD {
@@ -701,6 +707,7 @@ pub fn render(r: &BenchReport) -> String {
          bench producer {:.1}\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
+         \x20 of it, delivered to the actors->committable: {service_latency}\n\
          latency produce->parsed (bare consumer): {baseline_latency}\n\
          peak RSS {:.0} MiB (the embedded broker's process apart: {:.0} MiB) | store {:.1} MiB, {} \
          entities\n\

@@ -76,6 +76,15 @@ async fn short_benchmark_completes_and_applies_every_event() {
     let latency = report.latency_ms.expect("latencies recorded");
     assert_eq!(latency.count, 20_000);
     assert!(latency.p50 <= latency.p99 && latency.p99 <= latency.max);
+    // Each record is delivered after it is produced, so the service's part is never the larger.
+    let own = report
+        .service_latency_ms
+        .expect("the service's part recorded");
+    assert_eq!(own.count, 20_000, "one per event");
+    assert!(
+        own.p50 <= latency.p50 && own.p99 <= latency.p99 && own.max <= latency.max,
+        "{own:?} against {latency:?}"
+    );
     let floor = report
         .baseline_latency_ms
         .expect("the bare consumer's latencies recorded");

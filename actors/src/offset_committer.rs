@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::kill::{injected_panic, Kill};
 use crate::metrics::Metrics;
-use crate::offset_tracker::OffsetTracker;
+use crate::offset_tracker::{OffsetTracker, Stamps};
 use crate::partition_supervisor::rewind_all_partitions;
 use crate::record::{Origin, TopicPartition};
 use crate::topology::Topology;
@@ -36,6 +36,8 @@ pub struct Register {
     pub tp: TopicPartition,
     /// The offsets, ascending, with each record's timestamp (ms since the epoch, 0 if unknown).
     pub offsets: Vec<(i64, i64)>,
+    /// When the partition supervisor got them, ms since the epoch.
+    pub delivered_ms: i64,
 }
 
 /// These records are fully processed and their effect is durable.
@@ -201,8 +203,12 @@ impl Handler<Register> for OffsetCommitter {
         if self.lost.contains(&msg.tp) {
             return;
         }
-        for &(offset, timestamp_ms) in &msg.offsets {
-            self.tracker.register(&msg.tp, offset, timestamp_ms);
+        for &(offset, produced_ms) in &msg.offsets {
+            let stamps = Stamps {
+                produced_ms,
+                delivered_ms: msg.delivered_ms,
+            };
+            self.tracker.register(&msg.tp, offset, stamps);
         }
         self.publish_committable(&msg.tp);
     }
@@ -215,13 +221,17 @@ impl Handler<Completed> for OffsetCommitter {
         let mut touched: Vec<TopicPartition> = Vec::new();
         let now_ms = chrono::Utc::now().timestamp_millis();
         for origin in &msg.origins {
-            if let Some(timestamp_ms) = self.tracker.complete(origin) {
+            if let Some(stamps) = self.tracker.complete(origin) {
+                let timestamp_ms = stamps.produced_ms;
                 if timestamp_ms > 0 {
                     self.topology.record_latency_ms(now_ms - timestamp_ms);
                     self.metrics
                         .event_latency
                         .observe((now_ms - timestamp_ms).max(0) as f64 / 1000.0);
                 }
+                self.topology
+                    .service_latency
+                    .record_ms(now_ms - stamps.delivered_ms);
                 // In-flight counts are added by `deliver` and taken off here, once per record.
                 if let Some(p) = self.topology.partitions.get(&origin.tp) {
                     p.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -6,10 +6,19 @@ use std::collections::{BTreeMap, HashMap};
 use crate::record::{Origin, TopicPartition};
 use crate::KeyHasher;
 
+/// When a record in flight was produced and when the actors got it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamps {
+    /// The record's timestamp, ms since the epoch (0 when unknown).
+    pub produced_ms: i64,
+    /// When its partition supervisor got it, ms since the epoch.
+    pub delivered_ms: i64,
+}
+
 #[derive(Default, Debug)]
 struct PartitionOffsets {
-    /// In-flight offsets with their record timestamps (ms since the epoch, 0 when unknown).
-    in_flight: BTreeMap<i64, i64>,
+    /// In-flight offsets with their stamps.
+    in_flight: BTreeMap<i64, Stamps>,
     /// One past the highest offset registered.
     next: Option<i64>,
     /// Last offset handed out for commit.
@@ -29,15 +38,15 @@ pub struct OffsetTracker {
 }
 
 impl OffsetTracker {
-    /// Records that `offset` of `tp`, stamped `timestamp_ms`, is now in flight.
-    pub fn register(&mut self, tp: &TopicPartition, offset: i64, timestamp_ms: i64) {
+    /// Records that `offset` of `tp`, with its `stamps`, is now in flight.
+    pub fn register(&mut self, tp: &TopicPartition, offset: i64, stamps: Stamps) {
         let p = self.parts.entry(tp.clone()).or_default();
-        p.in_flight.insert(offset, timestamp_ms);
+        p.in_flight.insert(offset, stamps);
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 
-    /// Records that `origin` is fully processed; its timestamp, or `None` if it was not in flight.
-    pub fn complete(&mut self, origin: &Origin) -> Option<i64> {
+    /// Records that `origin` is fully processed; its stamps, or `None` if it was not in flight.
+    pub fn complete(&mut self, origin: &Origin) -> Option<Stamps> {
         self.parts
             .get_mut(&origin.tp)
             .and_then(|p| p.in_flight.remove(&origin.offset))
@@ -105,7 +114,7 @@ mod tests {
     fn out_of_order_completions_commit_only_the_lowest_unfinished() {
         let mut t = OffsetTracker::default();
         for o in 10..15 {
-            t.register(&tp(), o, 0);
+            t.register(&tp(), o, Stamps::default());
         }
         done(&mut t, 12);
         done(&mut t, 14);
@@ -122,7 +131,7 @@ mod tests {
     fn gaps_in_offsets_do_not_hold_back_commits() {
         let mut t = OffsetTracker::default();
         for o in [3, 7, 20] {
-            t.register(&tp(), o, 0);
+            t.register(&tp(), o, Stamps::default());
         }
         done(&mut t, 3);
         assert_eq!(t.committable(&tp()), Some(7));
@@ -135,15 +144,15 @@ mod tests {
     #[test]
     fn take_commits_reports_each_advance_once_and_never_moves_back() {
         let mut t = OffsetTracker::default();
-        t.register(&tp(), 0, 0);
-        t.register(&tp(), 1, 0);
+        t.register(&tp(), 0, Stamps::default());
+        t.register(&tp(), 1, Stamps::default());
         assert_eq!(t.take_commits(), vec![(tp(), 0)]);
         assert!(t.take_commits().is_empty());
         done(&mut t, 0);
         done(&mut t, 1);
         assert_eq!(t.take_commits(), vec![(tp(), 2)]);
         // A redelivered older offset (after a seek back) must not pull the commit backwards.
-        t.register(&tp(), 1, 0);
+        t.register(&tp(), 1, Stamps::default());
         assert!(t.take_commits().is_empty());
     }
 
@@ -151,7 +160,7 @@ mod tests {
     fn revoke_mid_flight_returns_the_offset_before_unfinished_work() {
         let mut t = OffsetTracker::default();
         for o in 0..5 {
-            t.register(&tp(), o, 0);
+            t.register(&tp(), o, Stamps::default());
         }
         done(&mut t, 0);
         done(&mut t, 1);

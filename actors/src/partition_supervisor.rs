@@ -332,6 +332,7 @@ impl Handler<Deliver> for PartitionSupervisor {
         let p = self.pipeline.clone();
         p.committer.do_send(Register {
             tp: self.tp.clone(),
+            delivered_ms: chrono::Utc::now().timestamp_millis(),
             offsets: msg
                 .records
                 .iter()

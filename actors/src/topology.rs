@@ -163,6 +163,10 @@ pub struct Topology {
     pub joined: AtomicBool,
     /// Milliseconds from each record's timestamp to durable-and-committable.
     pub latency: LatencyHistogram,
+    /// Milliseconds from each record's delivery to its partition supervisor to
+    /// durable-and-committable: the service's own part of `latency`, without the broker's and
+    /// the client's.
+    pub service_latency: LatencyHistogram,
 }
 
 /// Latencies in milliseconds, recorded from any thread, summarised as percentiles.
