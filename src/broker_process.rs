@@ -63,26 +63,26 @@ impl BrokerProcess {
         for topic in EmbeddedBroker::topics(config) {
             command.arg("--topic").arg(topic);
         }
-        let spawn_error = |source| BrokerProcessError::Spawn {
-            exe: exe.to_path_buf(),
-            source,
-        };
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(spawn_error)?;
-        let stdin = child.stdin.take();
-        let mut line = String::new();
-        if let Some(stdout) = child.stdout.take() {
-            BufReader::new(stdout).read_line(&mut line)?;
-        }
+            .map_err(|source| BrokerProcessError::Spawn {
+                exe: exe.to_path_buf(),
+                source,
+            })?;
+        let stdout = child.stdout.take();
+        // Owned before its address is read, so that a failed read stops the child too.
         let mut process = BrokerProcess {
+            stdin: child.stdin.take(),
             child,
-            stdin,
             bootstrap: String::new(),
         };
+        let mut line = String::new();
+        if let Some(stdout) = stdout {
+            BufReader::new(stdout).read_line(&mut line)?;
+        }
         match line.trim_end().strip_prefix(ADDRESS_LINE) {
             Some(address) if !address.is_empty() => {
                 process.bootstrap = address.to_string();
