@@ -191,6 +191,37 @@ mod tests {
     }
 
     #[test]
+    fn every_thread_of_the_broker_process_counts_as_the_broker() {
+        // A child that spins, named like none of this process's groups.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh starts");
+        let pid = child.id();
+        let before = Snapshot::with_broker(pid);
+        let start = process_cpu_seconds_of(pid).unwrap_or(0.0);
+        // Busy for at least 60 ms of its own CPU time, read from /proc as the snapshot reads it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let used = loop {
+            let used = process_cpu_seconds_of(pid).unwrap_or(0.0) - start;
+            if used >= 0.06 || Instant::now() > deadline {
+                break used;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let after = Snapshot::with_broker(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(used >= 0.06, "the child spun for {used} s");
+        let by_group = after.since(&before);
+        assert!(
+            by_group.embedded_broker >= used,
+            "{by_group:?} against {used} s used"
+        );
+        assert!(before.seconds_of(ThreadGroup::EmbeddedBroker).is_some());
+    }
+
+    #[test]
     fn a_stat_line_gives_its_name_and_cpu_seconds() {
         let stat = "4242 (odd (name) x) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1 0";
         assert_eq!(parse_stat(stat), Some(("odd (name) x", 3.25)));

@@ -51,8 +51,10 @@ async fn short_benchmark_completes_and_applies_every_event() {
         "the threads' shares make up the process's CPU: {}",
         bench::render(&report)
     );
+    // Its CPU share is counted too, but a run this short can take less than one of /proc's
+    // 10 ms ticks of it; `thread_cpu`'s unit tests pin that a child's threads are counted.
     assert!(
-        by_thread.embedded_broker > 0.0 && report.broker_peak_rss_mib > 0.0,
+        report.broker_peak_rss_mib > 0.0,
         "the embedded broker's process is measured apart: {}",
         bench::render(&report)
     );
