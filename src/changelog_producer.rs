@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aggregator_actors::changelog::{ChangelogError, ChangelogRecord, ChangelogSink, SendFuture};
+use aggregator_actors::changelog::{
+    Acks, ChangelogError, ChangelogRecord, ChangelogSink, SendFuture,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -48,7 +50,7 @@ impl KafkaChangelog {
             // In order and once per partition, so the last record of a view is its latest state.
             ("enable.idempotence", "true"),
             ("acks", "all"),
-            // The dedup actor waits for each send: batch what one flush hands over, no more.
+            // A write's store stage waits for its send: batch what one write hands over, no more.
             ("linger.ms", "1"),
         ]);
         Ok(KafkaChangelog {
@@ -112,22 +114,25 @@ impl ChangelogSink for KafkaChangelog {
                     }
                 }
             }
-            let mut ends: HashMap<i32, i64> = HashMap::new();
-            for delivery in deliveries {
-                match delivery.await {
-                    Ok(Ok(delivered)) => {
-                        let end = ends.entry(delivered.partition).or_insert(0);
-                        *end = (*end).max(delivered.offset + 1);
-                    }
-                    Ok(Err((e, _))) => return Err(ChangelogError::Send(e.to_string())),
-                    Err(_) => {
-                        return Err(ChangelogError::Send(
-                            "the producer dropped a delivery".into(),
-                        ))
+            let acks: Acks = Box::pin(async move {
+                let mut ends: HashMap<i32, i64> = HashMap::new();
+                for delivery in deliveries {
+                    match delivery.await {
+                        Ok(Ok(delivered)) => {
+                            let end = ends.entry(delivered.partition).or_insert(0);
+                            *end = (*end).max(delivered.offset + 1);
+                        }
+                        Ok(Err((e, _))) => return Err(ChangelogError::Send(e.to_string())),
+                        Err(_) => {
+                            return Err(ChangelogError::Send(
+                                "the producer dropped a delivery".into(),
+                            ))
+                        }
                     }
                 }
-            }
-            Ok(ends)
+                Ok(ends)
+            });
+            Ok(acks)
         })
     }
 }

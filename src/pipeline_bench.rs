@@ -16,7 +16,7 @@ use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use aggregator_actors::changelog::{ChangelogRecord, ChangelogSink, SendFuture};
+use aggregator_actors::changelog::{Acks, ChangelogRecord, ChangelogSink, SendFuture};
 use aggregator_actors::dead_letter::{DeadLetter, DeadLetterSink, PublishFuture};
 use aggregator_actors::dedup_actor::Release;
 use aggregator_actors::envelope::parse;
@@ -99,7 +99,7 @@ impl ChangelogSink for MemoryChangelog {
             *n += 1;
             ends.insert(r.partition, *n);
         }
-        Box::pin(async move { Ok(ends) })
+        Box::pin(async move { Ok(Box::pin(async move { Ok(ends) }) as Acks) })
     }
 }
 

@@ -181,14 +181,19 @@ impl ChangelogEntry {
     }
 }
 
-/// Resolves once every record is stored by the broker, with, per changelog partition, the offset
-/// after the last record sent there.
-pub type SendFuture =
+/// Resolves once every record of a send is stored by the broker, with, per changelog partition,
+/// the offset after the last record sent there.
+pub type Acks =
     Pin<Box<dyn Future<Output = Result<HashMap<i32, i64>, ChangelogError>> + Send + 'static>>;
+
+/// Resolves once every record is queued to be sent, after those of earlier sends, with what
+/// resolves once the broker has them: the next send may then be queued while the broker has not
+/// yet answered this one, and its records still follow these.
+pub type SendFuture = Pin<Box<dyn Future<Output = Result<Acks, ChangelogError>> + Send + 'static>>;
 
 /// Where changelog records go: a Kafka topic in the service.
 pub trait ChangelogSink: Send + Sync + 'static {
-    /// Sends `records`, each partition's in the order given.
+    /// Sends `records`, each partition's in the order given and after every earlier send's.
     fn send(&self, records: Vec<ChangelogRecord>) -> SendFuture;
 }
 

@@ -3,10 +3,12 @@
 //! the view it produced in one atomic batch (group commit on an interval; a large write is applied
 //! in parts of 2,048 views, each with its views' markers, so that view loads take turns
 //! with them). Offsets complete only after every part of the write that covers them is flushed.
-//! Each write's views go to the changelog first.
-//! Writes are pipelined on blocking threads: one is encoded and sent to the changelog while the
-//! one before it is written to the store; meanwhile the ledger stages the next and answers checks
-//! and loads from the writes under way until each is stored. It runs on a thread of its own, so
+//! Each write's views go to the changelog first, and a write is stored only once the broker has
+//! acknowledged them.
+//! Writes are pipelined: one is encoded on a blocking thread and queued for the changelog while
+//! the one before it waits for its acknowledgements and the one before that is written to the
+//! store; meanwhile the ledger stages the next and answers checks and loads from the writes
+//! under way until each is stored. It runs on a thread of its own, so
 //! that its bookkeeping does not take the entity actors' thread; views are read for starting
 //! actors by the [`crate::view_loader`].
 //!
@@ -28,7 +30,7 @@ use actix::prelude::*;
 use std::future::Future;
 
 use crate::aggregate::Aggregate;
-use crate::changelog::{ChangelogBundler, ChangelogRecord, ChangelogSink};
+use crate::changelog::{Acks, ChangelogBundler, ChangelogRecord, ChangelogSink};
 use crate::kill::{injected_panic, Kill};
 use crate::ledger::{Ledger, Staged, Taken};
 use crate::metrics::Metrics;
@@ -108,12 +110,13 @@ fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
     Ok(Encoded { parts, records })
 }
 
-/// A write encoded and its views sent to the changelog: the store batches of its parts, the
-/// number of views sent, and the changelog offset each changelog partition reached.
-type Prepared = (Vec<WriteBatch>, u64, HashMap<i32, i64>);
+/// A write encoded and its views queued for the changelog: the store batches of its parts, the
+/// number of views sent, and what resolves, once the broker has them, with the changelog offset
+/// each changelog partition reached (`None` without a changelog).
+type Prepared = (Vec<WriteBatch>, u64, Option<Acks>);
 
 /// Encodes a write on a blocking thread (its views are snapshots the entity actors no longer
-/// change) and sends its views to the changelog, if any.
+/// change) and queues its views for the changelog, if any.
 async fn prepare(
     staged: Arc<Staged>,
     changelog: Option<Arc<dyn ChangelogSink>>,
@@ -124,11 +127,21 @@ async fn prepare(
         .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
     let Encoded { parts, records } = encoded.map_err(WriteFailure::Store)?;
     let sent = records.iter().map(|r| r.entries as u64).sum();
-    let ends = match &changelog {
-        Some(sink) if !records.is_empty() => sink.send(records).await,
-        _ => Ok(HashMap::new()),
+    let acks = match &changelog {
+        Some(sink) if !records.is_empty() => {
+            Some(sink.send(records).await.map_err(WriteFailure::Changelog)?)
+        }
+        _ => None,
     };
-    Ok((parts, sent, ends.map_err(WriteFailure::Changelog)?))
+    Ok((parts, sent, acks))
+}
+
+/// The changelog offsets a write's acknowledgements report; none without a changelog.
+async fn acknowledged(acks: Option<Acks>) -> Result<HashMap<i32, i64>, WriteFailure> {
+    match acks {
+        Some(acks) => acks.await.map_err(WriteFailure::Changelog),
+        None => Ok(HashMap::new()),
+    }
 }
 
 /// Text of a caught panic.
@@ -140,11 +153,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "the store write panicked".into())
 }
 
-/// Writes under way at most: one preparing while the one before it is in its store stage.
-const MAX_WRITES_IN_FLIGHT: usize = 2;
+/// Writes under way at most: one being encoded, one waiting for the changelog's
+/// acknowledgements, and one in its store stage.
+const MAX_WRITES_IN_FLIGHT: usize = 3;
 
-/// Set while a write is being prepared: the next is taken only once it is done, so that each
-/// write carries what was staged while the one before it was prepared.
+/// Set while a write is being encoded and queued for the changelog: the next is taken only once
+/// it is done, so that each write carries what was staged meanwhile and its changelog records
+/// are queued after this one's.
 struct Preparing(Arc<AtomicBool>);
 
 impl Preparing {
@@ -287,10 +302,11 @@ impl DedupActor {
         self
     }
 
-    /// Writes what is staged, off the actor's thread, as a pipeline of two stages: encoding and
-    /// the changelog send of one write (the broker has it before the store does) overlap the
-    /// store stage of the write before it; store stages run one at a time, in the order the
-    /// writes were taken, and each is followed by a flush that completes the records it covers.
+    /// Writes what is staged, off the actor's thread, as a pipeline: encoding one write and
+    /// queueing its changelog records overlap the wait for the acknowledgements of the write
+    /// before it (the broker has a write before the store does) and the store stage of the one
+    /// before that; store stages run one at a time, in the order the writes were taken, and each
+    /// is followed by a flush that completes the records it covers.
     /// Meanwhile the ledger answers checks and loads from the writes under way.
     fn write_staged(&mut self, ctx: &mut Context<Self>) {
         if self.ledger.generation() < self.resume_at
@@ -324,9 +340,16 @@ impl DedupActor {
         let previous = self.store_turn.replace(store_turn);
         let write = async move {
             let started = Instant::now();
+            // Queued for the changelog, the next write may be taken and queued behind it while
+            // the broker acknowledges this one; the store stage still waits for the
+            // acknowledgements, so that the store never holds a view the changelog lacks.
             let prepared = prepare(staged, changelog).await;
-            let prepared_at = started.elapsed();
             drop(preparing);
+            let prepared = match prepared {
+                Ok((parts, sent, acks)) => acknowledged(acks).await.map(|ends| (parts, sent, ends)),
+                Err(failure) => Err(failure),
+            };
+            let prepared_at = started.elapsed();
             if let Some(previous) = previous {
                 let _ = previous.await; // resolves when that store stage ends, however it ends
             }
@@ -594,7 +617,176 @@ impl Handler<Release> for DedupActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::ChangelogEntry;
+    use crate::changelog::{ChangelogEntry, ChangelogError, SendFuture};
+    use crate::ledger::Applied;
+    use crate::record::TopicPartition;
+    use crate::rules::{Rules, SourceConfig};
+    use tokio::sync::oneshot;
+
+    /// A changelog that queues each send at once and acknowledges it, or refuses it, when the
+    /// test says.
+    #[derive(Default)]
+    struct HeldChangelog {
+        /// Each send's entity keys, sorted, and the answer it waits for.
+        sends: Mutex<Vec<(Vec<String>, Option<oneshot::Sender<bool>>)>>,
+    }
+
+    impl HeldChangelog {
+        fn sends(&self) -> Vec<Vec<String>> {
+            let sends = self.sends.lock().expect("not poisoned");
+            sends.iter().map(|(keys, _)| keys.clone()).collect()
+        }
+
+        fn answer(&self, send: usize, acknowledged: bool) {
+            let mut sends = self.sends.lock().expect("not poisoned");
+            let answer = sends[send].1.take().expect("answered once");
+            answer.send(acknowledged).expect("the write waits for it");
+        }
+    }
+
+    impl ChangelogSink for HeldChangelog {
+        fn send(&self, records: Vec<ChangelogRecord>) -> SendFuture {
+            let mut keys: Vec<String> = records
+                .iter()
+                .flat_map(|r| {
+                    ChangelogEntry::decode_all(r.partition, 0, &r.value).expect("decodes")
+                })
+                .map(|e| e.view.key)
+                .collect();
+            keys.sort();
+            let (tx, rx) = oneshot::channel();
+            self.sends
+                .lock()
+                .expect("not poisoned")
+                .push((keys, Some(tx)));
+            Box::pin(async move {
+                let acks: Acks = Box::pin(async move {
+                    match rx.await {
+                        Ok(true) => Ok(HashMap::from([(0, 1)])),
+                        _ => Err(ChangelogError::Send("refused by the test".into())),
+                    }
+                });
+                Ok(acks)
+            })
+        }
+    }
+
+    /// Stands in for the offset committer: keeps the offsets completed.
+    struct Completions(Arc<Mutex<Vec<i64>>>);
+
+    impl Actor for Completions {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Completed> for Completions {
+        type Result = ();
+
+        fn handle(&mut self, msg: Completed, _: &mut Self::Context) {
+            let offsets = msg.origins.iter().map(|o| o.offset);
+            self.0.lock().expect("not poisoned").extend(offsets);
+        }
+    }
+
+    /// Stages a view of `key` as applying event `id`, read at `offset` of partition 0.
+    fn stage(ledger: &Ledger, key: &str, id: &str, offset: i64) {
+        let mut view = view(key, 0);
+        let staged = ledger.fold_and_stage(&mut view, 1, |view| {
+            view.events_applied += 1;
+            Ok::<_, String>(Applied {
+                partition: 0,
+                message_id: id.into(),
+                origin: Origin {
+                    tp: TopicPartition::new("t", 0),
+                    offset,
+                },
+                source: 0,
+            })
+        });
+        assert_eq!(staged, Ok(true), "staged");
+    }
+
+    /// Waits until `done` holds; fails the test after 10 s.
+    async fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never happened: {what}");
+            actix::clock::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_write_is_queued_for_the_changelog_behind_one_unacknowledged_and_stored_after_its_acknowledgements(
+    ) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let topology = Arc::new(Topology::default());
+        let source = SourceConfig {
+            name: "a".into(),
+            topic: "t".into(),
+            key_pointer: None,
+            delete_codes: Vec::new(),
+        };
+        let metrics = Arc::new(Metrics::new(
+            &Rules::new(vec![source], Vec::new()).expect("rules"),
+        ));
+        let ledger = Arc::new(Ledger::new(store.clone(), topology.clone()));
+        let completed = Arc::new(Mutex::new(Vec::new()));
+        let committer = Completions(completed.clone()).start();
+        let changelog = Arc::new(HeldChangelog::default());
+        let _dedup = DedupActor::new(
+            store.clone(),
+            ledger.clone(),
+            Arbiter::current(),
+            committer.recipient(),
+            topology,
+            metrics,
+            Duration::from_millis(1),
+        )
+        .with_changelog(changelog.clone())
+        .start();
+        let stored = |id: &str| store.has_marker(0, id).expect("read");
+
+        stage(&ledger, "a", "m1", 1);
+        wait_until("the first write sent", || changelog.sends().len() == 1).await;
+        stage(&ledger, "b", "m2", 2);
+        wait_until("the second write queued behind the first", || {
+            changelog.sends().len() == 2
+        })
+        .await;
+        assert!(
+            !stored("m1") && !stored("m2"),
+            "nothing stored unacknowledged"
+        );
+
+        // The first is refused: both go back, the second though acknowledged, and out again
+        // together; the store holds neither meanwhile.
+        changelog.answer(0, false);
+        changelog.answer(1, true);
+        wait_until("the put-back writes sent again", || {
+            changelog.sends().len() == 3
+        })
+        .await;
+        assert_eq!(changelog.sends()[2], ["a", "b"]);
+        assert!(
+            !stored("m1") && !stored("m2"),
+            "nothing stored unacknowledged"
+        );
+        assert!(completed.lock().expect("not poisoned").is_empty());
+
+        changelog.answer(2, true);
+        wait_until("both records completed", || {
+            completed.lock().expect("not poisoned").len() == 2
+        })
+        .await;
+        assert!(stored("m1") && stored("m2"), "stored once acknowledged");
+        for key in ["a", "b"] {
+            let view = store.load(key).expect("read").expect("stored");
+            assert_eq!(view.events_applied, 1, "{key}");
+        }
+        let mut offsets = completed.lock().expect("not poisoned").clone();
+        offsets.sort();
+        assert_eq!(offsets, [1, 2]);
+    }
 
     fn view(key: &str, events: u64) -> Arc<Aggregate> {
         let mut view = Aggregate::new(key, 0);
