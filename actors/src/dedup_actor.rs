@@ -87,17 +87,38 @@ struct Encoded {
 
 /// Encodes a taken write into store batches of [`VIEWS_PER_PART`] views each (one at least),
 /// every view with the markers of the events it holds, and, with a changelog, its records.
-fn encode(staged: &Staged, changelog: bool) -> Result<Encoded, StoreError> {
+///
+/// A view's changelog record also carries the markers the view had in `earlier` writes, those
+/// still under way: their records are queued before this one's but may yet be refused, and a
+/// view must never reach the changelog without the markers of every effect it holds (another
+/// instance restoring it would apply those events again).
+fn encode(
+    staged: &Staged,
+    earlier: &[Arc<Staged>],
+    changelog: bool,
+) -> Result<Encoded, StoreError> {
     let mut parts = Vec::with_capacity(staged.views.len().div_ceil(VIEWS_PER_PART));
     let mut part = WriteBatch::default();
     let mut bundler = changelog.then(ChangelogBundler::default);
+    let mut carried = Vec::new();
     for (view, markers) in staged.views.values() {
         if part.views == VIEWS_PER_PART {
             parts.push(std::mem::take(&mut part));
         }
         let encoded = view_codec::encode(view).map_err(|e| StoreError::Write(e.to_string()))?;
         if let Some(bundler) = &mut bundler {
-            bundler.add(view, &encoded, markers);
+            carried.clear();
+            for write in earlier {
+                if let Some((_, ids)) = write.views.get(&view.key) {
+                    carried.extend_from_slice(ids);
+                }
+            }
+            if carried.is_empty() {
+                bundler.add(view, &encoded, markers);
+            } else {
+                carried.extend_from_slice(markers);
+                bundler.add(view, &encoded, &carried);
+            }
         }
         for id in markers {
             part.add_marker(view.partition, id);
@@ -119,10 +140,11 @@ type Prepared = (Vec<WriteBatch>, u64, Option<Acks>);
 /// change) and queues its views for the changelog, if any.
 async fn prepare(
     staged: Arc<Staged>,
+    earlier: Vec<Arc<Staged>>,
     changelog: Option<Arc<dyn ChangelogSink>>,
 ) -> Result<Prepared, WriteFailure> {
     let with_changelog = changelog.is_some();
-    let encoded = tokio::task::spawn_blocking(move || encode(&staged, with_changelog))
+    let encoded = tokio::task::spawn_blocking(move || encode(&staged, &earlier, with_changelog))
         .await
         .unwrap_or_else(|panicked| Err(StoreError::Write(panicked.to_string())));
     let Encoded { parts, records } = encoded.map_err(WriteFailure::Store)?;
@@ -319,7 +341,12 @@ impl DedupActor {
         let Some(store) = self.store.clone() else {
             return notify_all(waiters, Err(StoreError::Released));
         };
-        let Some(Taken { seq, staged }) = self.ledger.take() else {
+        let Some(Taken {
+            seq,
+            staged,
+            earlier,
+        }) = self.ledger.take()
+        else {
             if self.ledger.writes_in_flight() == 0 {
                 if !waiters.is_empty() {
                     self.flush_then(ctx, Vec::new(), waiters);
@@ -343,7 +370,7 @@ impl DedupActor {
             // Queued for the changelog, the next write may be taken and queued behind it while
             // the broker acknowledges this one; the store stage still waits for the
             // acknowledgements, so that the store never holds a view the changelog lacks.
-            let prepared = prepare(staged, changelog).await;
+            let prepared = prepare(staged, earlier, changelog).await;
             drop(preparing);
             let prepared = match prepared {
                 Ok((parts, sent, acks)) => acknowledged(acks).await.map(|ends| (parts, sent, ends)),
@@ -627,14 +654,25 @@ mod tests {
     /// test says.
     #[derive(Default)]
     struct HeldChangelog {
-        /// Each send's entity keys, sorted, and the answer it waits for.
-        sends: Mutex<Vec<(Vec<String>, Option<oneshot::Sender<bool>>)>>,
+        /// Each send's entries (entity key and markers, by key) and the answer it waits for.
+        sends: Mutex<Vec<(Vec<(String, Vec<String>)>, Option<oneshot::Sender<bool>>)>>,
     }
 
     impl HeldChangelog {
+        /// The entity keys of each send, sorted.
         fn sends(&self) -> Vec<Vec<String>> {
             let sends = self.sends.lock().expect("not poisoned");
-            sends.iter().map(|(keys, _)| keys.clone()).collect()
+            let keys = |entries: &Vec<(String, Vec<String>)>| {
+                entries.iter().map(|(key, _)| key.clone()).collect()
+            };
+            sends.iter().map(|(entries, _)| keys(entries)).collect()
+        }
+
+        /// The markers that send `send` carried with the view of `key`.
+        fn markers(&self, send: usize, key: &str) -> Vec<String> {
+            let sends = self.sends.lock().expect("not poisoned");
+            let entry = sends[send].0.iter().find(|(k, _)| k == key);
+            entry.expect("the key was sent").1.clone()
         }
 
         fn answer(&self, send: usize, acknowledged: bool) {
@@ -646,19 +684,19 @@ mod tests {
 
     impl ChangelogSink for HeldChangelog {
         fn send(&self, records: Vec<ChangelogRecord>) -> SendFuture {
-            let mut keys: Vec<String> = records
+            let mut entries: Vec<(String, Vec<String>)> = records
                 .iter()
                 .flat_map(|r| {
                     ChangelogEntry::decode_all(r.partition, 0, &r.value).expect("decodes")
                 })
-                .map(|e| e.view.key)
+                .map(|e| (e.view.key, e.markers))
                 .collect();
-            keys.sort();
+            entries.sort();
             let (tx, rx) = oneshot::channel();
             self.sends
                 .lock()
                 .expect("not poisoned")
-                .push((keys, Some(tx)));
+                .push((entries, Some(tx)));
             Box::pin(async move {
                 let acks: Acks = Box::pin(async move {
                     match rx.await {
@@ -714,8 +752,16 @@ mod tests {
         }
     }
 
-    #[actix_rt::test]
-    async fn a_write_is_queued_for_the_changelog_behind_one_unacknowledged_and_stored_after_its_acknowledgements(
+    /// A dedup actor writing every millisecond to a fresh store, through a [`HeldChangelog`],
+    /// completing into the list returned; it lives while its address does.
+    #[allow(clippy::type_complexity)]
+    fn started_with_held_changelog() -> (
+        Addr<DedupActor>,
+        tempfile::TempDir,
+        Store,
+        Arc<Ledger>,
+        Arc<HeldChangelog>,
+        Arc<Mutex<Vec<i64>>>,
     ) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("store")).expect("store");
@@ -733,7 +779,7 @@ mod tests {
         let completed = Arc::new(Mutex::new(Vec::new()));
         let committer = Completions(completed.clone()).start();
         let changelog = Arc::new(HeldChangelog::default());
-        let _dedup = DedupActor::new(
+        let dedup = DedupActor::new(
             store.clone(),
             ledger.clone(),
             Arbiter::current(),
@@ -744,6 +790,44 @@ mod tests {
         )
         .with_changelog(changelog.clone())
         .start();
+        (dedup, dir, store, ledger, changelog, completed)
+    }
+
+    #[actix_rt::test]
+    async fn a_view_queued_behind_an_unacknowledged_write_carries_the_markers_it_had_there() {
+        let (_dedup, _dir, store, ledger, changelog, completed) = started_with_held_changelog();
+        stage(&ledger, "a", "m1", 1);
+        wait_until("the first write sent", || changelog.sends().len() == 1).await;
+        stage(&ledger, "a", "m2", 2);
+        wait_until("the second write queued behind the first", || {
+            changelog.sends().len() == 2
+        })
+        .await;
+        // Were the first refused and the second taken, the second alone must still say that its
+        // view holds both events.
+        assert_eq!(changelog.markers(0, "a"), ["m1"]);
+        assert_eq!(changelog.markers(1, "a"), ["m1", "m2"]);
+
+        changelog.answer(0, false);
+        changelog.answer(1, true);
+        wait_until("the put-back writes sent again", || {
+            changelog.sends().len() == 3
+        })
+        .await;
+        assert_eq!(changelog.markers(2, "a"), ["m1", "m2"]);
+        changelog.answer(2, true);
+        wait_until("both records completed", || {
+            completed.lock().expect("not poisoned").len() == 2
+        })
+        .await;
+        let stored = |id: &str| store.has_marker(0, id).expect("read");
+        assert!(stored("m1") && stored("m2"));
+    }
+
+    #[actix_rt::test]
+    async fn a_write_is_queued_for_the_changelog_behind_one_unacknowledged_and_stored_after_its_acknowledgements(
+    ) {
+        let (_dedup, _dir, store, ledger, changelog, completed) = started_with_held_changelog();
         let stored = |id: &str| store.has_marker(0, id).expect("read");
 
         stage(&ledger, "a", "m1", 1);
@@ -806,7 +890,7 @@ mod tests {
         staged
             .views
             .insert("stored".into(), (view("stored", 5), vec!["m3".into()]));
-        let Encoded { parts, records } = encode(&staged, true).expect("encodes");
+        let Encoded { parts, records } = encode(&staged, &[], true).expect("encodes");
         assert_eq!((parts.len(), parts[0].views), (1, 2));
         // Both views belong to partition 0: one bundle.
         let bundles: Vec<(i32, usize)> = records.iter().map(|r| (r.partition, r.entries)).collect();
@@ -856,7 +940,7 @@ mod tests {
             }
             staged.views.insert(key, (Arc::new(view), ids));
         }
-        let Encoded { parts, records } = encode(&staged, false).expect("encodes");
+        let Encoded { parts, records } = encode(&staged, &[], false).expect("encodes");
         assert!(records.is_empty());
         let sizes: Vec<usize> = parts.iter().map(|p| p.views).collect();
         assert_eq!(sizes, [VIEWS_PER_PART, VIEWS_PER_PART, 10]);

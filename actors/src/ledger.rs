@@ -89,6 +89,9 @@ pub(crate) struct Taken {
     pub(crate) seq: u64,
     /// Markers and views, also answering checks and loads until the write ends.
     pub(crate) staged: Arc<Staged>,
+    /// What the writes taken before it and still under way hold, oldest first: their
+    /// changelog records may not have reached the broker yet.
+    pub(crate) earlier: Vec<Arc<Staged>>,
 }
 
 /// A write under way, answering checks and loads until the store has it.
@@ -306,6 +309,7 @@ impl Ledger {
             return None;
         }
         let staged = Arc::new(std::mem::take(&mut state.staged));
+        let earlier = state.writing.iter().map(|w| w.staged.clone()).collect();
         let seq = state.next_seq;
         state.next_seq += 1;
         let writing = Writing {
@@ -316,7 +320,11 @@ impl Ledger {
         };
         state.writing.push_back(writing);
         self.topology.dedup.pending.store(0, Ordering::Relaxed);
-        Some(Taken { seq, staged })
+        Some(Taken {
+            seq,
+            staged,
+            earlier,
+        })
     }
 
     /// Resets so far.
