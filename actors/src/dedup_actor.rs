@@ -793,27 +793,39 @@ mod tests {
         (dedup, dir, store, ledger, changelog, completed)
     }
 
-    #[actix_rt::test]
-    async fn a_view_queued_behind_an_unacknowledged_write_carries_the_markers_it_had_there() {
-        let (_dedup, _dir, store, ledger, changelog, completed) = started_with_held_changelog();
-        stage(&ledger, "a", "m1", 1);
+    /// Stages event `m1` of key `a`, waits for its write to be sent, then stages event `m2` of
+    /// `second` and waits for its write to be queued behind the first, unacknowledged.
+    async fn two_writes_queued(ledger: &Ledger, changelog: &HeldChangelog, second: &str) {
+        stage(ledger, "a", "m1", 1);
         wait_until("the first write sent", || changelog.sends().len() == 1).await;
-        stage(&ledger, "a", "m2", 2);
+        stage(ledger, second, "m2", 2);
         wait_until("the second write queued behind the first", || {
             changelog.sends().len() == 2
         })
         .await;
-        // Were the first refused and the second taken, the second alone must still say that its
-        // view holds both events.
-        assert_eq!(changelog.markers(0, "a"), ["m1"]);
-        assert_eq!(changelog.markers(1, "a"), ["m1", "m2"]);
+    }
 
+    /// Refuses the first of the two sends and acknowledges the second; waits for the writes put
+    /// back to be sent again.
+    async fn refuse_the_first(changelog: &HeldChangelog) {
         changelog.answer(0, false);
         changelog.answer(1, true);
         wait_until("the put-back writes sent again", || {
             changelog.sends().len() == 3
         })
         .await;
+    }
+
+    #[actix_rt::test]
+    async fn a_view_queued_behind_an_unacknowledged_write_carries_the_markers_it_had_there() {
+        let (_dedup, _dir, store, ledger, changelog, completed) = started_with_held_changelog();
+        two_writes_queued(&ledger, &changelog, "a").await;
+        // Were the first refused and the second taken, the second alone must still say that its
+        // view holds both events.
+        assert_eq!(changelog.markers(0, "a"), ["m1"]);
+        assert_eq!(changelog.markers(1, "a"), ["m1", "m2"]);
+
+        refuse_the_first(&changelog).await;
         assert_eq!(changelog.markers(2, "a"), ["m1", "m2"]);
         changelog.answer(2, true);
         wait_until("both records completed", || {
@@ -830,13 +842,7 @@ mod tests {
         let (_dedup, _dir, store, ledger, changelog, completed) = started_with_held_changelog();
         let stored = |id: &str| store.has_marker(0, id).expect("read");
 
-        stage(&ledger, "a", "m1", 1);
-        wait_until("the first write sent", || changelog.sends().len() == 1).await;
-        stage(&ledger, "b", "m2", 2);
-        wait_until("the second write queued behind the first", || {
-            changelog.sends().len() == 2
-        })
-        .await;
+        two_writes_queued(&ledger, &changelog, "b").await;
         assert!(
             !stored("m1") && !stored("m2"),
             "nothing stored unacknowledged"
@@ -844,12 +850,7 @@ mod tests {
 
         // The first is refused: both go back, the second though acknowledged, and out again
         // together; the store holds neither meanwhile.
-        changelog.answer(0, false);
-        changelog.answer(1, true);
-        wait_until("the put-back writes sent again", || {
-            changelog.sends().len() == 3
-        })
-        .await;
+        refuse_the_first(&changelog).await;
         assert_eq!(changelog.sends()[2], ["a", "b"]);
         assert!(
             !stored("m1") && !stored("m2"),
