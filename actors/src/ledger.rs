@@ -359,8 +359,9 @@ impl Ledger {
         let failed: Vec<Writing> = state.writing.drain(at..).collect();
         // Newest first, each in front of what is staged: newer views of a key win.
         for w in failed.into_iter().rev() {
-            // Copied only if its encoder still holds it (a later write taken back mid-encoding);
-            // a write that failed in its own stages has let go of it.
+            // Copied only if an encoder still holds it (a later write taken back mid-encoding,
+            // or a later write's encoder reading the markers it carries from this one); a write
+            // that failed in its own stages has let go of it.
             let older = Arc::unwrap_or_clone(w.staged);
             let pending = w.applied.len() as u64;
             state.staged.put_back(older);
