@@ -586,7 +586,7 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let mut cpu_by_thread = threads_at_end.since(&threads_at_first);
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     let broker_peak_rss_mib = broker.peak_rss_kib() as f64 / 1024.0;
-    let latency = running.topology.take_latency();
+    let latency = running.topology.latency.take();
     let service_latency = running.topology.service_latency.take();
     let fed = feeder.join()?;
     let (produced, duplicates, producer_cpu) = (fed.sent, fed.duplicates, fed.cpu_seconds);

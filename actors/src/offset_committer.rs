@@ -224,7 +224,7 @@ impl Handler<Completed> for OffsetCommitter {
             if let Some(stamps) = self.tracker.complete(origin) {
                 let timestamp_ms = stamps.produced_ms;
                 if timestamp_ms > 0 {
-                    self.topology.record_latency_ms(now_ms - timestamp_ms);
+                    self.topology.latency.record_ms(now_ms - timestamp_ms);
                     self.metrics
                         .event_latency
                         .observe((now_ms - timestamp_ms).max(0) as f64 / 1000.0);

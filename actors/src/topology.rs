@@ -321,16 +321,6 @@ fn known(v: i64) -> Option<i64> {
 }
 
 impl Topology {
-    /// Records one event's latency.
-    pub fn record_latency_ms(&self, ms: i64) {
-        self.latency.record_ms(ms);
-    }
-
-    /// Percentiles of the latencies recorded so far, then forgets them.
-    pub fn take_latency(&self) -> Option<LatencySummary> {
-        self.latency.take()
-    }
-
     /// Figures of `tp`, created on first use.
     pub fn partition(&self, tp: &TopicPartition) -> Arc<PartitionStats> {
         self.partitions
