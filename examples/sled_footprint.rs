@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: aggregator::allocator::Allocator = aggregator::allocator::Allocator;
 
 /// Writes views of one size under random keys in batches, then prints peak RSS and writes/s.
 #[derive(Parser)]

@@ -152,7 +152,7 @@ enum Command {
 /// glibc's allocator was a quarter of the profile (many small, short-lived JSON allocations);
 /// mimalloc serves them from thread-local pages.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: aggregator::allocator::Allocator = aggregator::allocator::Allocator;
 
 /// The shipped configuration, used by the demo when no file is given.
 const SHIPPED_CONFIG: &str = include_str!("../config.toml");
