@@ -605,14 +605,20 @@ impl<'de> serde::de::Visitor<'de> for SharedSeed<'_> {
 
 /// Reads the rest of an object from `map`, each field as the span of its JSON text in `text`
 /// (which `map` must be reading), a later field of a name winning.
+/// Fields an object read as spans is given room for before the first is read.
+const FIELDS_AHEAD: usize = 8;
+
 fn read_spans<'de, A: serde::de::MapAccess<'de>>(
     text: &str,
     mut map: A,
 ) -> Result<SmallMap<Name, Span>, A::Error> {
-    let mut fields = SmallMap::new();
+    // Room for an envelope's payload at once, and fields appended while they come in name
+    // order, as serializers of maps and of structs declared in name order write them: growing
+    // the map and inserting by search took about 4% of a parse's instructions.
+    let mut fields = SmallMap::with_capacity(FIELDS_AHEAD);
     while let Some(name) = map.next_key::<Name>()? {
         let raw = map.next_value::<&'de RawValue>()?;
-        fields.insert(name, span_of(text, raw.get()));
+        fields.push_read(name, span_of(text, raw.get()));
     }
     Ok(fields)
 }
