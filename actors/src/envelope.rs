@@ -115,13 +115,15 @@ impl<'de> serde::de::Visitor<'de> for EnvelopeVisitor<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut payload = None;
-        let mut rest = SmallMap::new();
+        // An envelope's code and metadata, appended in name order as written (see
+        // `json_fields::read_spans`).
+        let mut rest = SmallMap::with_capacity(2);
         while let Some(name) = map.next_key::<Name>()? {
             if name.as_str() == "payload" {
                 payload = Some(map.next_value_seed(SharedSeed { text: self.text })?);
             } else {
                 let raw = map.next_value::<&'de RawValue>()?;
-                rest.insert(name, span_of(self.text, raw.get()));
+                rest.push_read(name, span_of(self.text, raw.get()));
             }
         }
         Ok((payload, rest))
