@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use serde::Serialize;
 
 use aggregator_actors::topology::{LatencyHistogram, LatencySummary};
 
 use crate::broker_process::BrokerProcess;
 use crate::config::Config;
-use crate::consumer::to_record;
+use crate::consumer::{to_record, PolledPartitions};
 use crate::demo::{all_committed, reached_ends};
 use crate::embedded_broker::EmbeddedBroker;
 use crate::event_producer::{Deliveries, EventProducer};
@@ -401,6 +402,8 @@ fn baseline(
     let latency = LatencyHistogram::default();
     let mut first: Option<(Instant, f64)> = None;
     let mut parsed = 0u64;
+    // Records share their partition's name, as the service's poll loop makes them.
+    let mut polled = PolledPartitions::default();
     let deadline = Instant::now() + Duration::from_secs(3600);
     while parsed < options.events && Instant::now() < deadline {
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
@@ -415,7 +418,10 @@ fn baseline(
         };
         let message = message?;
         first.get_or_insert_with(|| (Instant::now(), cpu_seconds_with(&broker)));
-        let record = to_record(&message);
+        let record = to_record(
+            &message,
+            polled.of(message.topic(), message.partition()).1.clone(),
+        );
         // The service's own parser, so that the ceiling parses exactly what the service does.
         let event = aggregator_actors::envelope::parse(&record, &rules, &limits)
             .context("baseline: an envelope does not parse")?;

@@ -577,18 +577,20 @@ impl PollLoop {
         while !self.stop.load(Ordering::Relaxed) {
             // Before polling: records fetched before a rewind must not reach the new supervisor.
             context.restart_dead(&self.consumer);
-            let mut batches: HashMap<TopicPartition, Vec<Record>> = HashMap::new();
+            let mut polled = PolledPartitions::default();
+            let mut batches: Vec<Vec<Record>> = Vec::new();
             let mut taken = 0;
             let mut wait = Duration::from_millis(100);
             while taken < self.batch {
                 match self.consumer.poll(wait) {
                     None => break,
                     Some(Ok(m)) => {
-                        let record = to_record(&m);
-                        batches
-                            .entry(record.origin.tp.clone())
-                            .or_default()
-                            .push(record);
+                        let (i, tp) = polled.of(m.topic(), m.partition());
+                        let record = to_record(&m, tp.clone());
+                        match batches.get_mut(i) {
+                            Some(batch) => batch.push(record),
+                            None => batches.push(vec![record]),
+                        }
                         taken += 1;
                     }
                     Some(Err(e)) => {
@@ -608,7 +610,7 @@ impl PollLoop {
             }
             {
                 let mut assigned = context.assigned();
-                for (tp, records) in batches {
+                for (tp, records) in polled.into_partitions().into_iter().zip(batches) {
                     match assigned.get_mut(&tp) {
                         Some(a) => {
                             if a.first_offset.is_none() {
@@ -731,8 +733,40 @@ fn set<T>(slot: &Mutex<Option<T>>, value: Option<T>) {
     *slot.lock().unwrap_or_else(|p| p.into_inner()) = value;
 }
 
-/// Copies a polled message into a record the actors own.
-pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
+/// The partitions of the messages one poll returned, each named once: the records of a partition
+/// share its name instead of each allocating a copy, and are grouped by it without hashing it.
+#[derive(Default)]
+pub struct PolledPartitions {
+    partitions: Vec<TopicPartition>,
+    /// The index found last: a fetch returns a partition's messages one after the other.
+    last: usize,
+}
+
+impl PolledPartitions {
+    /// The index of partition `partition` of `topic`, in the order partitions were first seen,
+    /// and its name.
+    pub fn of(&mut self, topic: &str, partition: i32) -> (usize, &TopicPartition) {
+        let same = |tp: &TopicPartition| tp.partition == partition && *tp.topic == *topic;
+        if !self.partitions.get(self.last).is_some_and(same) {
+            self.last = match self.partitions.iter().position(same) {
+                Some(i) => i,
+                None => {
+                    self.partitions.push(TopicPartition::new(topic, partition));
+                    self.partitions.len() - 1
+                }
+            };
+        }
+        (self.last, &self.partitions[self.last])
+    }
+
+    /// The partitions seen, in the order of their indices.
+    pub fn into_partitions(self) -> Vec<TopicPartition> {
+        self.partitions
+    }
+}
+
+/// Copies a polled message of partition `tp` into a record the actors own.
+pub fn to_record(m: &BorrowedMessage<'_>, tp: TopicPartition) -> Record {
     let headers = m
         .headers()
         .map(|hs| {
@@ -743,7 +777,7 @@ pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
         .unwrap_or_default();
     Record {
         origin: Origin {
-            tp: TopicPartition::new(m.topic(), m.partition()),
+            tp,
             offset: m.offset(),
         },
         key: m.key().map(<[u8]>::to_vec),
@@ -757,6 +791,34 @@ pub fn to_record(m: &BorrowedMessage<'_>) -> Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_records_of_a_partition_share_its_name_and_index() {
+        let mut polled = PolledPartitions::default();
+        let seen: Vec<(usize, TopicPartition)> = [("a", 0), ("a", 0), ("b", 0), ("a", 1), ("a", 0)]
+            .into_iter()
+            .map(|(topic, partition)| {
+                let (i, tp) = polled.of(topic, partition);
+                (i, tp.clone())
+            })
+            .collect();
+        let indices: Vec<usize> = seen.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, [0, 0, 1, 2, 0], "in the order first seen");
+        assert!(
+            Arc::ptr_eq(&seen[0].1.topic, &seen[4].1.topic),
+            "one copy of the name"
+        );
+        assert_eq!(seen[3].1, TopicPartition::new("a", 1));
+        let partitions = polled.into_partitions();
+        assert_eq!(
+            partitions,
+            [
+                TopicPartition::new("a", 0),
+                TopicPartition::new("b", 0),
+                TopicPartition::new("a", 1)
+            ]
+        );
+    }
 
     #[test]
     fn each_leader_of_resumed_partitions_is_woken_once() {
