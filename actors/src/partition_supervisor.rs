@@ -80,40 +80,52 @@ pub fn rewind_all_partitions(topology: &Topology) {
 #[rtype(result = "Option<i64>")]
 pub struct Drain;
 
-/// A key's unfinished records, in offset order.
-type KeyRecords = VecDeque<(i64, Arc<Record>)>;
-
-/// Routed records not yet passed by the committer, by key, in offset order. The three
-/// structures share one copy of each record's key.
+/// A key's unfinished records, in offset order, and the entity actor incarnation that has been
+/// sent every one of them.
 #[derive(Default)]
-struct Unfinished {
-    order: VecDeque<(i64, Arc<str>)>,
-    by_key: HashMap<Arc<str>, KeyRecords, KeyHasher>,
-    /// Per key, the entity actor incarnation that has been sent every unfinished record.
-    sent_to: HashMap<Arc<str>, u64, KeyHasher>,
+struct KeyRecords {
+    records: VecDeque<(i64, Arc<Record>)>,
+    sent_to: Option<u64>,
 }
 
-impl Unfinished {
-    fn push(&mut self, key: Arc<str>, record: Arc<Record>) {
-        let offset = record.origin.offset;
-        self.order.push_back((offset, key.clone()));
-        self.by_key
-            .entry(key)
-            .or_default()
-            .push_back((offset, record));
-    }
-
-    /// The records of `key` below `before` (all when `None`), in offset order, that no entity
-    /// actor finished: what a new actor of the key must be sent again.
-    fn to_replay(&self, key: &str, before: Option<i64>) -> Vec<Arc<Record>> {
-        self.by_key
-            .get(key)
-            .into_iter()
-            .flatten()
+impl KeyRecords {
+    /// The records below `before` (all when `None`), in offset order, that no entity actor
+    /// finished: what a new actor of the key must be sent again.
+    fn to_replay(&self, before: Option<i64>) -> Vec<Arc<Record>> {
+        self.records
+            .iter()
             .take_while(|(offset, _)| before.is_none_or(|b| *offset < b))
             .filter(|(_, record)| !record.finished.get())
             .map(|(_, record)| record.clone())
             .collect()
+    }
+
+    /// Notes that `incarnation` has been sent every record below `before`, and returns those it
+    /// must be sent again first: none when it is the actor they were sent to, or the key's first.
+    fn hand_to(&mut self, incarnation: u64, before: Option<i64>) -> Vec<Arc<Record>> {
+        match self.sent_to.replace(incarnation) {
+            Some(earlier) if earlier != incarnation => self.to_replay(before),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Routed records not yet passed by the committer, by key, in offset order. Both structures
+/// share one copy of each record's key, and a key is looked up once to route a record to it.
+#[derive(Default)]
+struct Unfinished {
+    order: VecDeque<(i64, Arc<str>)>,
+    by_key: HashMap<Arc<str>, KeyRecords, KeyHasher>,
+}
+
+impl Unfinished {
+    /// Holds `record` of `key` until the committer passes it; returns the key's records.
+    fn push(&mut self, key: Arc<str>, record: Arc<Record>) -> &mut KeyRecords {
+        let offset = record.origin.offset;
+        self.order.push_back((offset, key.clone()));
+        let held = self.by_key.entry(key).or_default();
+        held.records.push_back((offset, record));
+        held
     }
 
     /// Forgets records below `committable`: their effects are durable. It stops at the first
@@ -127,15 +139,16 @@ impl Unfinished {
                 break;
             }
             let emptied = match self.by_key.get_mut(key) {
-                Some(list) => {
-                    if !list
+                Some(held) => {
+                    if !held
+                        .records
                         .front()
                         .is_some_and(|(_, record)| record.finished.get())
                     {
                         break;
                     }
-                    list.pop_front();
-                    list.is_empty()
+                    held.records.pop_front();
+                    held.records.is_empty()
                 }
                 None => false,
             };
@@ -144,7 +157,6 @@ impl Unfinished {
             };
             if emptied {
                 self.by_key.remove(&key);
-                self.sent_to.remove(&key);
             }
         }
     }
@@ -242,36 +254,30 @@ impl PartitionSupervisor {
         handle.addr.do_send(Apply { event, record });
     }
 
-    /// Makes sure the live actor of `key` has been sent every unfinished record of the key
-    /// before `before` (all of them when `None`): a new actor is sent again those an earlier
-    /// actor was sent and did not finish (it died with them in its mailbox).
-    fn catch_up(&mut self, key: &Arc<str>, before: Option<i64>) -> EntityHandle {
-        let handle = self.entity(key);
-        let current = self.unfinished.sent_to.get(key).copied();
-        if current != Some(handle.incarnation) {
-            if current.is_some() {
-                let p = self.pipeline.clone();
-                for record in self.unfinished.to_replay(key, before) {
-                    // It parsed before, so it parses again the same way.
-                    if let Ok(event) = parse(&record, &p.rules, &p.limits) {
-                        p.metrics.replayed.inc();
-                        self.send(&handle, event, record);
-                    }
-                }
+    /// Sends `handle` again, in offset order, the records an earlier actor of its key was sent
+    /// and did not finish (it died with them in its mailbox).
+    fn resend(&self, handle: &EntityHandle, records: Vec<Arc<Record>>) {
+        let p = &self.pipeline;
+        for record in records {
+            // It parsed before, so it parses again the same way.
+            if let Ok(event) = parse(&record, &p.rules, &p.limits) {
+                p.metrics.replayed.inc();
+                self.send(handle, event, record);
             }
-            self.unfinished
-                .sent_to
-                .insert(key.clone(), handle.incarnation);
         }
-        handle
     }
 
     fn route(&mut self, event: Event, record: Record) {
         let record = Arc::new(record);
         let key: Arc<str> = Arc::from(event.key.as_str());
         let offset = record.origin.offset;
-        self.unfinished.push(key.clone(), record.clone());
-        let handle = self.catch_up(&key, Some(offset));
+        let handle = self.entity(&key);
+        // A new actor of the key is sent what an earlier one left unfinished before this record.
+        let replay = self
+            .unfinished
+            .push(key, record.clone())
+            .hand_to(handle.incarnation, Some(offset));
+        self.resend(&handle, replay);
         self.send(&handle, event, record);
     }
 }
@@ -367,10 +373,15 @@ impl Handler<ReplayEntity> for PartitionSupervisor {
             return;
         }
         self.forget_committed();
-        if let Some((key, _)) = self.unfinished.by_key.get_key_value(msg.key.as_str()) {
-            let key = key.clone();
-            self.catch_up(&key, None);
+        if !self.unfinished.by_key.contains_key(msg.key.as_str()) {
+            return;
         }
+        let handle = self.entity(&msg.key);
+        let replay = match self.unfinished.by_key.get_mut(msg.key.as_str()) {
+            Some(held) => held.hand_to(handle.incarnation, None),
+            None => Vec::new(),
+        };
+        self.resend(&handle, replay);
     }
 }
 
@@ -428,24 +439,24 @@ mod tests {
         for (offset, key) in [(0, "a"), (1, "b"), (2, "a"), (3, "a")] {
             u.push(key.into(), record(offset));
         }
-        u.sent_to.insert("b".into(), 1);
+        u.by_key.get_mut("b").expect("b is held").sent_to = Some(1);
         let offsets = |u: &Unfinished, k: &str| -> Vec<i64> {
             u.by_key
                 .get(k)
                 .into_iter()
-                .flatten()
+                .flat_map(|held| held.records.iter())
                 .map(|(o, _)| *o)
                 .collect()
         };
         assert_eq!(offsets(&u, "a"), [0, 2, 3]);
-        for list in u.by_key.values() {
-            for (_, r) in list {
+        for held in u.by_key.values() {
+            for (_, r) in &held.records {
                 r.finished.set();
             }
         }
         u.prune(2);
         assert_eq!(offsets(&u, "a"), [2, 3]);
-        assert!(!u.by_key.contains_key("b") && !u.sent_to.contains_key("b"));
+        assert!(!u.by_key.contains_key("b"), "b is forgotten with its actor");
         u.prune(10);
         assert!(u.by_key.is_empty() && u.order.is_empty());
     }
@@ -458,20 +469,20 @@ mod tests {
         for (offset, key) in [(0, "a"), (1, "b"), (2, "a")] {
             u.push(key.into(), record(offset));
         }
-        u.by_key["a"][0].1.finished.set();
+        u.by_key["a"].records[0].1.finished.set();
         u.prune(3);
         let left: Vec<i64> = u.order.iter().map(|(o, _)| *o).collect();
         assert_eq!(left, [1, 2], "1 is unfinished: it and what follows stay");
-        let replay: Vec<i64> = u
-            .to_replay("b", None)
+        let replay: Vec<i64> = u.by_key["b"]
+            .to_replay(None)
             .iter()
             .map(|r| r.origin.offset)
             .collect();
         assert_eq!(replay, [1], "the next actor of b is handed it again");
-        u.by_key["b"][0].1.finished.set();
+        u.by_key["b"].records[0].1.finished.set();
         u.prune(3);
         assert_eq!(u.order.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [2]);
-        u.by_key["a"][0].1.finished.set();
+        u.by_key["a"].records[0].1.finished.set();
         u.prune(3);
         assert!(u.order.is_empty() && u.by_key.is_empty());
     }
@@ -486,17 +497,38 @@ mod tests {
         let offsets = |records: Vec<Arc<Record>>| -> Vec<i64> {
             records.iter().map(|r| r.origin.offset).collect()
         };
-        assert_eq!(offsets(u.to_replay("a", None)), [0, 1, 2, 3, 4]);
+        assert_eq!(offsets(u.by_key["a"].to_replay(None)), [0, 1, 2, 3, 4]);
         // The actor that died finished the first two; the third and fourth were in its mailbox.
-        for (_, r) in u.by_key["a"].iter().take(2) {
+        for (_, r) in u.by_key["a"].records.iter().take(2) {
             r.finished.set();
         }
-        assert_eq!(offsets(u.to_replay("a", None)), [2, 3, 4]);
+        assert_eq!(offsets(u.by_key["a"].to_replay(None)), [2, 3, 4]);
         assert_eq!(
-            offsets(u.to_replay("a", Some(4))),
+            offsets(u.by_key["a"].to_replay(Some(4))),
             [2, 3],
             "the record being routed is sent next"
         );
-        assert!(u.to_replay("c", None).is_empty());
+    }
+
+    #[test]
+    fn a_new_actor_of_a_key_is_handed_once_what_the_one_before_left_unfinished() {
+        let mut u = Unfinished::default();
+        let offsets = |records: Vec<Arc<Record>>| -> Vec<i64> {
+            records.iter().map(|r| r.origin.offset).collect()
+        };
+        // The key's first actor, and the same actor again: nothing to send twice.
+        assert!(u.push("a".into(), record(0)).hand_to(1, Some(0)).is_empty());
+        assert!(u.push("a".into(), record(1)).hand_to(1, Some(1)).is_empty());
+        u.by_key["a"].records[0].1.finished.set();
+        // Actor 1 died with record 1 in its mailbox; actor 2 gets it before record 2.
+        let held = u.push("a".into(), record(2));
+        assert_eq!(offsets(held.hand_to(2, Some(2))), [1]);
+        assert_eq!(held.sent_to, Some(2));
+        assert!(held.hand_to(2, Some(2)).is_empty(), "handed once");
+        // A replay asked for by the actor's death hands over everything unfinished.
+        assert_eq!(
+            offsets(u.by_key.get_mut("a").unwrap().hand_to(3, None)),
+            [1, 2]
+        );
     }
 }
