@@ -226,7 +226,8 @@ impl MarkerIndex {
         };
         for (partition, ids) in by_partition {
             let p = self.partitions.get(&partition).unwrap_or(&empty);
-            let mut seen = HashSet::new();
+            // Hashes already: hashing them again with SipHash was half of this plan's cost.
+            let mut seen = HashSetOfHashes::with_capacity_and_hasher(ids.len(), Default::default());
             let new: Vec<(u128, &str)> = ids
                 .into_iter()
                 .map(|id| (self.hash(id), id))
