@@ -77,7 +77,8 @@ pub const BUNDLE_BYTES: usize = 256 * 1024;
 /// partition, in the order they are added.
 #[derive(Default)]
 pub struct ChangelogBundler {
-    open: HashMap<i32, ChangelogRecord>,
+    /// By partition, looked up for every view: hashed by the fast hasher the key maps use.
+    open: HashMap<i32, ChangelogRecord, crate::KeyHasher>,
     closed: Vec<ChangelogRecord>,
 }
 
