@@ -587,6 +587,8 @@ impl PollLoop {
                     Some(Ok(m)) => {
                         let (i, tp) = polled.of(m.topic(), m.partition());
                         let record = to_record(&m, tp.clone());
+                        // Indices come in the order partitions are first seen: a new one is
+                        // the next batch.
                         match batches.get_mut(i) {
                             Some(batch) => batch.push(record),
                             None => batches.push(vec![record]),

@@ -603,11 +603,11 @@ impl<'de> serde::de::Visitor<'de> for SharedSeed<'_> {
     }
 }
 
-/// Reads the rest of an object from `map`, each field as the span of its JSON text in `text`
-/// (which `map` must be reading), a later field of a name winning.
 /// Fields an object read as spans is given room for before the first is read.
 const FIELDS_AHEAD: usize = 8;
 
+/// Reads the rest of an object from `map`, each field as the span of its JSON text in `text`
+/// (which `map` must be reading), a later field of a name winning.
 fn read_spans<'de, A: serde::de::MapAccess<'de>>(
     text: &str,
     mut map: A,
