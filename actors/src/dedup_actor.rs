@@ -932,12 +932,13 @@ mod tests {
             let ids: Vec<String> = (0..1 + i % 3).map(|j| format!("m{i}-{j}")).collect();
             let mut view = Aggregate::new(key.clone(), partition);
             view.events_applied = ids.len() as u64;
+            let hasher = store.marker_hasher();
             for id in &ids {
                 staged
                     .markers
                     .entry(partition)
                     .or_default()
-                    .insert(id.clone());
+                    .insert(hasher.hash(id));
             }
             staged.views.insert(key, (Arc::new(view), ids));
         }

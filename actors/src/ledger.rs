@@ -8,12 +8,13 @@
 //! that a message id is always in one of the three places. Writes under way are kept in the
 //! order they were taken, which is the order the store applies them in.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::aggregate::Aggregate;
+use crate::marker_index::{HashSetOfHashes, MarkerHasher};
 use crate::record::Origin;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
@@ -47,8 +48,9 @@ pub struct Applied {
 /// Work applied since the last write: written together or not at all.
 #[derive(Clone, Default)]
 pub(crate) struct Staged {
-    /// Message ids by partition (nested so that a lookup needs no owned key).
-    pub(crate) markers: HashMap<i32, HashSet<String, KeyHasher>, KeyHasher>,
+    /// Message ids by partition, as the store's dedup window hashes them (the ids themselves
+    /// are with their views).
+    pub(crate) markers: HashMap<i32, HashSetOfHashes, KeyHasher>,
     /// Views by key, with the message ids applied to each since its last write.
     pub(crate) views: HashMap<String, (Arc<Aggregate>, Vec<String>), KeyHasher>,
 }
@@ -58,10 +60,10 @@ impl Staged {
         self.markers.is_empty() && self.views.is_empty()
     }
 
-    fn has_marker(&self, partition: i32, message_id: &str) -> bool {
+    fn has_marker(&self, partition: i32, hash: u128) -> bool {
         self.markers
             .get(&partition)
-            .is_some_and(|ids| ids.contains(message_id))
+            .is_some_and(|ids| ids.contains(&hash))
     }
 
     /// Puts `older` (a write that failed) back in front of what was staged since.
@@ -143,11 +145,14 @@ pub struct Ledger {
     topology: Arc<Topology>,
     /// Fills a staged view's slot while its actor changes the view in place.
     placeholder: Arc<Aggregate>,
+    /// The store's: a message id is hashed once for every place its marker may be.
+    hasher: MarkerHasher,
 }
 
 impl Ledger {
     /// A ledger over `store`, counting checks and staged work in `topology`.
     pub fn new(store: Store, topology: Arc<Topology>) -> Self {
+        let hasher = store.marker_hasher();
         Ledger {
             state: Mutex::new(State {
                 store: Some(store),
@@ -156,6 +161,7 @@ impl Ledger {
             generation: AtomicU64::new(0),
             topology,
             placeholder: Arc::default(),
+            hasher,
         }
     }
 
@@ -181,12 +187,13 @@ impl Ledger {
         };
         let stats = &self.topology.dedup;
         stats.checks.fetch_add(1, Ordering::Relaxed);
-        let seen = state.staged.has_marker(partition, message_id)
+        let hash = self.hasher.hash(message_id);
+        let seen = state.staged.has_marker(partition, hash)
             || state
                 .writing
                 .iter()
-                .any(|w| w.staged.has_marker(partition, message_id))
-            || store.has_marker(partition, message_id)?;
+                .any(|w| w.staged.has_marker(partition, hash))
+            || store.has_marker_hash(partition, hash);
         if seen {
             stats.hits.fetch_add(1, Ordering::Relaxed);
             state.done.push(origin.clone());
@@ -239,17 +246,18 @@ impl Ledger {
                 std::panic::resume_unwind(panic)
             }
         };
+        let hash = self.hasher.hash(&applied.message_id);
         match slot {
             Some((staged, markers)) => {
                 *staged = view.clone();
-                markers.push(applied.message_id.clone());
+                markers.push(applied.message_id);
             }
             None => {
                 let key = view.key.clone();
                 state
                     .staged
                     .views
-                    .insert(key, (view.clone(), vec![applied.message_id.clone()]));
+                    .insert(key, (view.clone(), vec![applied.message_id]));
             }
         }
         state
@@ -257,7 +265,7 @@ impl Ledger {
             .markers
             .entry(applied.partition)
             .or_default()
-            .insert(applied.message_id);
+            .insert(hash);
         state.done.push(applied.origin);
         state.applied.push(applied.source);
         self.topology.dedup.pending.fetch_add(1, Ordering::Relaxed);
@@ -437,6 +445,22 @@ mod tests {
     }
 
     #[test]
+    fn a_message_id_the_store_holds_is_seen_in_its_partition_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("store")).expect("store");
+        let mut batch = crate::store::WriteBatch::default();
+        batch.add_marker(3, "stored");
+        store.write(batch).expect("written");
+        let l = Ledger::new(store, Arc::default());
+        assert_eq!(
+            l.check(3, "stored", &origin(0), 1).ok(),
+            Some(Verdict::Seen)
+        );
+        assert_eq!(l.check(2, "stored", &origin(1), 1).ok(), Some(Verdict::New));
+        assert_eq!(l.check(3, "other", &origin(2), 1).ok(), Some(Verdict::New));
+    }
+
+    #[test]
     fn a_message_id_is_seen_while_staged_and_while_being_written() {
         let (l, _dir) = ledger();
         assert_eq!(l.check(0, "m1", &origin(0), 1).ok(), Some(Verdict::New));
@@ -451,7 +475,7 @@ mod tests {
         l.put_back(taken.seq);
         assert!(!l.is_in_flight(taken.seq));
         let again = l.take().expect("put back");
-        assert!(again.staged.has_marker(0, "m1"));
+        assert!(again.staged.has_marker(0, l.hasher.hash("m1")));
         let (done, applied) = l.written(again.seq).expect("the oldest write");
         assert_eq!(
             done.iter().map(|o| o.offset).collect::<Vec<_>>(),

@@ -56,7 +56,7 @@ pub(crate) fn decode_ids(mut value: &[u8]) -> Option<Vec<&str>> {
 /// Hashes a marker's 128-bit hash by its low 64 bits: it is already a seeded xxh3 hash, so
 /// hashing it again (SipHash, the default) only costs time, at every check and at every start.
 #[derive(Default)]
-struct PrehashedHasher(u64);
+pub(crate) struct PrehashedHasher(u64);
 
 impl Hasher for PrehashedHasher {
     fn finish(&self) -> u64 {
@@ -77,8 +77,31 @@ impl Hasher for PrehashedHasher {
     }
 }
 
-/// The hashes of the ids in a window.
-type HashSetOfHashes = HashSet<u128, BuildHasherDefault<PrehashedHasher>>;
+/// A set of marker hashes ([`MarkerHasher::hash`]).
+pub(crate) type HashSetOfHashes = HashSet<u128, BuildHasherDefault<PrehashedHasher>>;
+
+/// Hashes message ids for the dedup window: a seeded 128-bit xxh3, chosen anew at every start
+/// (the index is rebuilt from the stored ids). The ledger hashes an id once with the index's
+/// hasher and looks the hash up everywhere a marker may be, instead of hashing the text again
+/// for every place.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MarkerHasher {
+    seed: u64,
+}
+
+impl MarkerHasher {
+    /// A hasher with a seed of its own.
+    pub(crate) fn new() -> Self {
+        MarkerHasher {
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
+        }
+    }
+
+    /// The hash of message id `id`.
+    pub(crate) fn hash(&self, id: &str) -> u128 {
+        xxh3_128_with_seed(id.as_bytes(), self.seed)
+    }
+}
 
 /// One partition's window.
 #[derive(Default)]
@@ -141,8 +164,7 @@ pub(crate) struct MarkerPlan {
 
 /// The dedup window of every partition.
 pub(crate) struct MarkerIndex {
-    /// Hash seed, chosen anew at every start: the index is rebuilt from the stored ids.
-    seed: u64,
+    hasher: MarkerHasher,
     /// Ids kept per partition.
     window: usize,
     partitions: HashMap<i32, PartitionMarkers, crate::KeyHasher>,
@@ -152,21 +174,32 @@ impl MarkerIndex {
     /// An empty index keeping `window` ids per partition.
     pub(crate) fn new(window: u64) -> Self {
         MarkerIndex {
-            seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
+            hasher: MarkerHasher::new(),
             window: usize::try_from(window.max(1)).unwrap_or(usize::MAX),
             partitions: HashMap::default(),
         }
     }
 
     fn hash(&self, id: &str) -> u128 {
-        xxh3_128_with_seed(id.as_bytes(), self.seed)
+        self.hasher.hash(id)
+    }
+
+    /// The hasher the index keys its ids by.
+    pub(crate) fn hasher(&self) -> MarkerHasher {
+        self.hasher
     }
 
     /// Whether `id` of `partition` is in the window.
     pub(crate) fn contains(&self, partition: i32, id: &str) -> bool {
+        self.contains_hash(partition, self.hash(id))
+    }
+
+    /// Whether the id hashed to `hash` by [`MarkerIndex::hasher`] is in the window of
+    /// `partition`.
+    pub(crate) fn contains_hash(&self, partition: i32, hash: u128) -> bool {
         self.partitions
             .get(&partition)
-            .is_some_and(|p| p.live.contains(&self.hash(id)))
+            .is_some_and(|p| p.live.contains(&hash))
     }
 
     /// Ids in the window of `partition`.
@@ -208,15 +241,21 @@ impl MarkerIndex {
         dead
     }
 
-    /// Adds to `batch` the marker batches of `marked` (new ids, by partition, in order) and the
+    /// Adds to `batch` the marker batches of `marked` (new ids, by partition, in order, each
+    /// with its hash by [`MarkerIndex::hasher`], taken before the index is locked) and the
     /// removal of batches whose ids all leave the window; the index itself is unchanged until
     /// [`MarkerIndex::commit`], so that a failed write leaves it as it was.
-    pub(crate) fn plan(&self, marked: &[(i32, String)], batch: &mut sled::Batch) -> MarkerPlan {
-        let mut by_partition: Vec<(i32, Vec<&str>)> = Vec::new();
-        for (partition, id) in marked {
+    pub(crate) fn plan(
+        &self,
+        marked: &[(i32, String)],
+        hashes: &[u128],
+        batch: &mut sled::Batch,
+    ) -> MarkerPlan {
+        let mut by_partition: Vec<(i32, Vec<(u128, &str)>)> = Vec::new();
+        for ((partition, id), hash) in marked.iter().zip(hashes) {
             match by_partition.iter_mut().find(|(p, _)| p == partition) {
-                Some((_, ids)) => ids.push(id),
-                None => by_partition.push((*partition, vec![id])),
+                Some((_, ids)) => ids.push((*hash, id)),
+                None => by_partition.push((*partition, vec![(*hash, id)])),
             }
         }
         let empty = PartitionMarkers::default();
@@ -230,7 +269,6 @@ impl MarkerIndex {
             let mut seen = HashSetOfHashes::with_capacity_and_hasher(ids.len(), Default::default());
             let new: Vec<(u128, &str)> = ids
                 .into_iter()
-                .map(|id| (self.hash(id), id))
                 .filter(|(h, _)| !p.live.contains(h) && seen.insert(*h))
                 .collect();
             // New ids beyond the window expire at once, then the oldest stored ones.
@@ -288,6 +326,16 @@ mod tests {
         range.map(|i| (1, format!("id{i}"))).collect()
     }
 
+    /// `index.plan` of `marked`, hashed as the store hashes them.
+    fn plan_of(
+        index: &MarkerIndex,
+        marked: &[(i32, String)],
+        batch: &mut sled::Batch,
+    ) -> MarkerPlan {
+        let hashes: Vec<u128> = marked.iter().map(|(_, id)| index.hash(id)).collect();
+        index.plan(marked, &hashes, batch)
+    }
+
     #[test]
     fn ids_round_trip_and_a_cut_value_is_refused() {
         let value = encode_ids(["a", "", "ccc"].into_iter());
@@ -300,17 +348,17 @@ mod tests {
     fn a_batch_is_removed_when_its_last_id_leaves_the_window() {
         let mut index = MarkerIndex::new(3);
         let mut batch = sled::Batch::default();
-        let plan = index.plan(&ids(0..2), &mut batch);
+        let plan = plan_of(&index, &ids(0..2), &mut batch);
         assert_eq!(plan.expired, 0);
         index.commit(plan);
         // Two more: id0 leaves, its batch still holds id1.
-        let plan = index.plan(&ids(2..4), &mut batch);
+        let plan = plan_of(&index, &ids(2..4), &mut batch);
         assert_eq!(plan.expired, 1);
         index.commit(plan);
         assert!(!index.contains(1, "id0") && index.contains(1, "id1"));
         assert_eq!(index.partitions[&1].batches, [(0, 1), (1, 2)]);
         // One more: id1 leaves and batch 0 with it.
-        let plan = index.plan(&ids(4..5), &mut batch);
+        let plan = plan_of(&index, &ids(4..5), &mut batch);
         index.commit(plan);
         assert_eq!(index.partitions[&1].batches, [(1, 2), (2, 1)]);
         assert_eq!(index.len(1), 3);
@@ -321,10 +369,10 @@ mod tests {
     fn ids_already_in_the_window_are_not_marked_again() {
         let mut index = MarkerIndex::new(10);
         let mut batch = sled::Batch::default();
-        let plan = index.plan(&ids(0..2), &mut batch);
+        let plan = plan_of(&index, &ids(0..2), &mut batch);
         index.commit(plan);
         let again = vec![(1, "id1".to_string()), (1, "id2".into()), (1, "id2".into())];
-        let plan = index.plan(&again, &mut batch);
+        let plan = plan_of(&index, &again, &mut batch);
         index.commit(plan);
         assert_eq!(index.len(1), 3);
         assert_eq!(index.partitions[&1].order.len(), 3);

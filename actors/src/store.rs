@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::Aggregate;
 use crate::fault_injector::FaultInjector;
-use crate::marker_index::{self, MarkerIndex};
+use crate::marker_index::{self, MarkerHasher, MarkerIndex};
 use crate::view_codec::{self, ViewCodecError};
 
 /// Why a store operation failed.
@@ -66,6 +66,8 @@ pub struct Store {
     faults: FaultInjector,
     /// The dedup window of every partition, in memory.
     markers: Arc<Mutex<MarkerIndex>>,
+    /// The window's hasher, fixed at open.
+    hasher: MarkerHasher,
     /// Held for a whole write, so that one write's plan is committed before the next is made.
     writing: Arc<Mutex<()>>,
     /// Taken by each batch applied and by each round of reads that asks for it
@@ -193,6 +195,7 @@ impl Store {
             db,
             path: path.to_path_buf(),
             faults: FaultInjector::default(),
+            hasher: markers.hasher(),
             markers: Arc::new(Mutex::new(markers)),
             writing: Arc::new(Mutex::new(())),
             turn: Arc::default(),
@@ -241,6 +244,17 @@ impl Store {
         Ok(lock(&self.markers).contains(partition, message_id))
     }
 
+    /// Whether the message id hashed to `hash` by [`Store::marker_hasher`] has been applied in
+    /// `partition`.
+    pub(crate) fn has_marker_hash(&self, partition: i32, hash: u128) -> bool {
+        lock(&self.markers).contains_hash(partition, hash)
+    }
+
+    /// The hasher the dedup window keys message ids by, fixed for the life of this store.
+    pub(crate) fn marker_hasher(&self) -> MarkerHasher {
+        self.hasher
+    }
+
     /// Applies `batch` atomically, with the expiry of the markers it pushes out of the window;
     /// visible to reads at once, durable after [`Store::flush`]. Returns the markers expired.
     pub fn write(&self, batch: WriteBatch) -> Result<u64, StoreError> {
@@ -253,9 +267,11 @@ impl Store {
             views,
             ..
         } = batch;
+        // Hashed before the index is locked: every check on the actors' thread waits for it.
+        let hashes: Vec<u128> = marked.iter().map(|(_, id)| self.hasher.hash(id)).collect();
         let _writing = lock(&self.writing);
         let _running = Running::start(&self.write_since);
-        let plan = lock(&self.markers).plan(&marked, &mut batch);
+        let plan = lock(&self.markers).plan(&marked, &hashes, &mut batch);
         let applying = Instant::now();
         let turn = self.turn.lock();
         self.db
