@@ -14,7 +14,7 @@ use aggregator_actors::offset_committer::ResetPartition;
 use aggregator_actors::partition_supervisor::{deliver, Drain, PartitionSupervisor};
 use aggregator_actors::pipeline::Pipeline;
 use aggregator_actors::topology::PartitionStats;
-use aggregator_actors::{Origin, Record, Store, TopicPartition};
+use aggregator_actors::{Origin, Record, RecordValue, Store, TopicPartition};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
@@ -783,7 +783,7 @@ pub fn to_record(m: &BorrowedMessage<'_>, tp: TopicPartition) -> Record {
             offset: m.offset(),
         },
         key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
+        value: m.payload().map(RecordValue::new),
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         finished: Default::default(),

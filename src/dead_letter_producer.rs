@@ -71,7 +71,7 @@ impl DeadLetterSink for KafkaDeadLetters {
             record = record.key(key.as_slice());
         }
         if let Some(value) = &letter.record.value {
-            record = record.payload(value.as_slice());
+            record = record.payload(value.as_bytes());
         }
         match self.producer.send_result(record) {
             Ok(delivery) => Box::pin(async move {

@@ -22,7 +22,7 @@ use aggregator_actors::dedup_actor::Release;
 use aggregator_actors::envelope::parse;
 use aggregator_actors::offset_committer::OffsetSink;
 use aggregator_actors::partition_supervisor::{deliver, PartitionSupervisor};
-use aggregator_actors::record::{Origin, Record, TopicPartition};
+use aggregator_actors::record::{Origin, Record, RecordValue, TopicPartition};
 
 use crate::bench::{
     counts_text, exactly_once, process_cpu_seconds, workload_line, BenchOptions, Workload,
@@ -140,7 +140,7 @@ fn generate(config: &Config, options: &BenchOptions) -> anyhow::Result<RecordsBy
                 offset: records.len() as i64,
             },
             key: g.key.map(String::into_bytes),
-            value: g.value,
+            value: g.value.map(RecordValue::from),
             headers: g.headers,
             timestamp_ms: Some(now_ms),
             finished: Default::default(),

@@ -97,7 +97,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
-    use crate::record::{Origin, TopicPartition};
+    use crate::record::{Origin, RecordValue, TopicPartition};
     use crate::rules::{Rules, SourceConfig};
 
     /// A sink that refuses every dead letter while `down` is set.
@@ -158,7 +158,7 @@ mod tests {
         let record = Record {
             origin: origin.clone(),
             key: Some(b"C1".to_vec()),
-            value: Some(b"{".to_vec()),
+            value: Some(RecordValue::from(b"{".to_vec())),
             headers: vec![],
             timestamp_ms: None,
             finished: Default::default(),

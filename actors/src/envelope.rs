@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::json_fields::{decode, first_token, span_of, value_at, Fields, SharedSeed, Span};
 use crate::name::Name;
-use crate::record::{Origin, Record};
+use crate::record::{Origin, Record, RecordValue};
 use crate::rules::Rules;
 use crate::small_map::SmallMap;
 
@@ -51,7 +51,11 @@ impl Envelope {
     /// Splits the JSON text of an envelope into its fields; a rejection if it is not JSON or not
     /// an object.
     pub fn from_text(text: &str) -> Result<Self, Rejection> {
-        let text: Arc<str> = Arc::from(text);
+        Self::from_shared(Arc::from(text))
+    }
+
+    /// The same, over a text the envelope shares (a record's value) instead of copying it.
+    pub fn from_shared(text: Arc<str>) -> Result<Self, Rejection> {
         let mut deserializer = serde_json::Deserializer::from_str(&text);
         let parsed = serde::Deserializer::deserialize_map(
             &mut deserializer,
@@ -251,7 +255,7 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
     }
     .filter(|id| !id.is_empty());
 
-    let Some(raw) = &record.value else {
+    let Some(value) = &record.value else {
         let key = record_key(record, limits)?;
         let message_id = header_id
             .unwrap_or_else(|| format!("tombstone/{}/{}", record.origin.tp, record.origin.offset));
@@ -265,14 +269,20 @@ pub fn parse(record: &Record, rules: &Rules, limits: &ParseLimits) -> Result<Eve
             body: Body::Tombstone,
         });
     };
-    if raw.len() > limits.max_value_bytes {
+    if value.len() > limits.max_value_bytes {
         return Err(Rejection::TooLarge {
-            size: raw.len(),
+            size: value.len(),
             limit: limits.max_value_bytes,
         });
     }
-    let text = std::str::from_utf8(raw).map_err(|e| Rejection::InvalidUtf8(e.to_string()))?;
-    let envelope = Envelope::from_text(text)?;
+    let text = match value {
+        RecordValue::Text(text) => text.clone(),
+        RecordValue::Bytes(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => Arc::from(text),
+            Err(e) => return Err(Rejection::InvalidUtf8(e.to_string())),
+        },
+    };
+    let envelope = Envelope::from_shared(text)?;
     let meta = envelope
         .field("metadata")
         .and_then(|text| serde_json::from_str::<Metadata>(text).ok())
@@ -563,7 +573,7 @@ mod tests {
                 offset: 7,
             },
             key: Some(b"C1".to_vec()),
-            value: value.map(<[u8]>::to_vec),
+            value: value.map(RecordValue::new),
             headers: headers
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_vec()))
@@ -574,6 +584,21 @@ mod tests {
     }
 
     const GOOD: &[u8] = br#"{"metadata":{"timestamp":"2026-10-01T12:00:00Z","message_id":"m1","service_name":"order-service"},"code":"ORDER_CREATED","payload":{"customer_id":"C9","total_amount":1.5}}"#;
+
+    #[test]
+    fn an_envelope_shares_its_records_text_and_bytes_that_are_not_utf8_are_rejected() {
+        let r = record(Some(GOOD), vec![]);
+        let e = parse(&r, &rules(None), &LIMITS).unwrap();
+        let (Some(RecordValue::Text(value)), Body::Envelope(envelope)) = (&r.value, &e.body) else {
+            panic!("a UTF-8 value parses into an envelope");
+        };
+        assert!(Arc::ptr_eq(value, &envelope.text), "not copied again");
+        let bad = record(Some(&[b'{', 0xff, b'}']), vec![]);
+        assert!(matches!(
+            parse(&bad, &rules(None), &LIMITS),
+            Err(Rejection::InvalidUtf8(_))
+        ));
+    }
 
     #[test]
     fn metadata_is_read_as_a_map_would_be() {

@@ -37,6 +37,6 @@ pub(crate) type KeyHasher = foldhash::fast::RandomState;
 
 pub use aggregate::Aggregate;
 pub use envelope::{Event, ParseLimits, Rejection};
-pub use record::{Origin, Record, TopicPartition};
+pub use record::{Origin, Record, RecordValue, TopicPartition};
 pub use rules::{RuleConfig, RuleKind, Rules, RulesError, SourceConfig};
 pub use store::{Store, StoreError};

@@ -44,7 +44,8 @@ impl fmt::Display for Origin {
     }
 }
 
-/// One record as consumed: origin, key, value and headers, all still raw bytes.
+/// One record as consumed: origin, key, value and headers as read (the value kept as text when
+/// it is UTF-8, see [`RecordValue`]).
 #[derive(Clone, Debug)]
 pub struct Record {
     /// Where the record was read from.
@@ -52,7 +53,7 @@ pub struct Record {
     /// The record key, if any.
     pub key: Option<Vec<u8>>,
     /// The record value; `None` is a tombstone.
-    pub value: Option<Vec<u8>>,
+    pub value: Option<RecordValue>,
     /// Record headers in order; a header without a value is skipped by the client side.
     pub headers: Vec<(String, Vec<u8>)>,
     /// Produce or log-append time in milliseconds since the epoch, when the broker gave one.
@@ -60,6 +61,53 @@ pub struct Record {
     /// Set once an entity actor has finished the record (applied and staged, dropped as a
     /// duplicate, or dead-lettered), so that it is not handed to the key's next actor again.
     pub finished: Finished,
+}
+
+/// A record's value: its text when it is UTF-8, as an envelope is, so that the envelope parsed
+/// from it shares it instead of copying it again; its bytes otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordValue {
+    /// A value that is UTF-8.
+    Text(Arc<str>),
+    /// A value that is not.
+    Bytes(Box<[u8]>),
+}
+
+impl RecordValue {
+    /// The value of `bytes`, checked for UTF-8 here, once.
+    pub fn new(bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => RecordValue::Text(Arc::from(text)),
+            Err(_) => RecordValue::Bytes(Box::from(bytes)),
+        }
+    }
+
+    /// The value's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RecordValue::Text(text) => text.as_bytes(),
+            RecordValue::Bytes(bytes) => bytes,
+        }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<u8>> for RecordValue {
+    fn from(bytes: Vec<u8>) -> Self {
+        match String::from_utf8(bytes) {
+            Ok(text) => RecordValue::Text(Arc::from(text)),
+            Err(e) => RecordValue::Bytes(e.into_bytes().into_boxed_slice()),
+        }
+    }
 }
 
 /// Whether a routed record's work is done; shared by the supervisor and the entity actor.
@@ -92,5 +140,25 @@ impl Record {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_text_when_it_is_utf8_and_keeps_its_bytes_either_way() {
+        for bytes in [&b"{\"a\": 1}"[..], b"", &[0xff, 0xfe, b'{'][..]] {
+            let made = RecordValue::new(bytes);
+            let from_vec = RecordValue::from(bytes.to_vec());
+            assert_eq!(made, from_vec);
+            assert_eq!(made.as_bytes(), bytes);
+            assert_eq!(made.len(), bytes.len());
+            assert_eq!(
+                matches!(made, RecordValue::Text(_)),
+                std::str::from_utf8(bytes).is_ok()
+            );
+        }
     }
 }
