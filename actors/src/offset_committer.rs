@@ -203,13 +203,17 @@ impl Handler<Register> for OffsetCommitter {
         if self.lost.contains(&msg.tp) {
             return;
         }
-        for &(offset, produced_ms) in &msg.offsets {
-            let stamps = Stamps {
-                produced_ms,
-                delivered_ms: msg.delivered_ms,
-            };
-            self.tracker.register(&msg.tp, offset, stamps);
-        }
+        let delivered_ms = msg.delivered_ms;
+        self.tracker.register_all(
+            &msg.tp,
+            msg.offsets.iter().map(|&(offset, produced_ms)| {
+                let stamps = Stamps {
+                    produced_ms,
+                    delivered_ms,
+                };
+                (offset, stamps)
+            }),
+        );
         self.publish_committable(&msg.tp);
     }
 }

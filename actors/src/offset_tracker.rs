@@ -40,9 +40,24 @@ pub struct OffsetTracker {
 impl OffsetTracker {
     /// Records that `offset` of `tp`, with its `stamps`, is now in flight.
     pub fn register(&mut self, tp: &TopicPartition, offset: i64, stamps: Stamps) {
-        let p = self.parts.entry(tp.clone()).or_default();
-        p.in_flight.insert(offset, stamps);
-        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        self.register_all(tp, [(offset, stamps)]);
+    }
+
+    /// Records that each offset of `tp`, with its stamps, is now in flight; the partition is
+    /// looked up once for them all (a poll hands over hundreds).
+    pub fn register_all(
+        &mut self,
+        tp: &TopicPartition,
+        offsets: impl IntoIterator<Item = (i64, Stamps)>,
+    ) {
+        let p = match self.parts.get_mut(tp) {
+            Some(p) => p,
+            None => self.parts.entry(tp.clone()).or_default(),
+        };
+        for (offset, stamps) in offsets {
+            p.in_flight.insert(offset, stamps);
+            p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        }
     }
 
     /// Records that `origin` is fully processed; its stamps, or `None` if it was not in flight.
