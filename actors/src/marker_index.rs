@@ -245,17 +245,16 @@ impl MarkerIndex {
     /// with its hash by [`MarkerIndex::hasher`], taken before the index is locked) and the
     /// removal of batches whose ids all leave the window; the index itself is unchanged until
     /// [`MarkerIndex::commit`], so that a failed write leaves it as it was.
-    pub(crate) fn plan(
+    pub(crate) fn plan<'a>(
         &self,
-        marked: &[(i32, String)],
-        hashes: &[u128],
+        marked: &[(i32, u128, &'a str)],
         batch: &mut sled::Batch,
     ) -> MarkerPlan {
-        let mut by_partition: Vec<(i32, Vec<(u128, &str)>)> = Vec::new();
-        for ((partition, id), hash) in marked.iter().zip(hashes) {
-            match by_partition.iter_mut().find(|(p, _)| p == partition) {
-                Some((_, ids)) => ids.push((*hash, id)),
-                None => by_partition.push((*partition, vec![(*hash, id)])),
+        let mut by_partition: Vec<(i32, Vec<(u128, &'a str)>)> = Vec::new();
+        for &(partition, hash, id) in marked {
+            match by_partition.iter_mut().find(|(p, _)| *p == partition) {
+                Some((_, ids)) => ids.push((hash, id)),
+                None => by_partition.push((partition, vec![(hash, id)])),
             }
         }
         let empty = PartitionMarkers::default();
@@ -332,8 +331,11 @@ mod tests {
         marked: &[(i32, String)],
         batch: &mut sled::Batch,
     ) -> MarkerPlan {
-        let hashes: Vec<u128> = marked.iter().map(|(_, id)| index.hash(id)).collect();
-        index.plan(marked, &hashes, batch)
+        let marked: Vec<(i32, u128, &str)> = marked
+            .iter()
+            .map(|(partition, id)| (*partition, index.hash(id), id.as_str()))
+            .collect();
+        index.plan(&marked, batch)
     }
 
     #[test]

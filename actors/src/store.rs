@@ -268,10 +268,13 @@ impl Store {
             ..
         } = batch;
         // Hashed before the index is locked: every check on the actors' thread waits for it.
-        let hashes: Vec<u128> = marked.iter().map(|(_, id)| self.hasher.hash(id)).collect();
+        let hashed: Vec<(i32, u128, &str)> = marked
+            .iter()
+            .map(|(partition, id)| (*partition, self.hasher.hash(id), id.as_str()))
+            .collect();
         let _writing = lock(&self.writing);
         let _running = Running::start(&self.write_since);
-        let plan = lock(&self.markers).plan(&marked, &hashes, &mut batch);
+        let plan = lock(&self.markers).plan(&hashed, &mut batch);
         let applying = Instant::now();
         let turn = self.turn.lock();
         self.db
