@@ -222,37 +222,45 @@ impl Handler<Completed> for OffsetCommitter {
     type Result = ();
 
     fn handle(&mut self, msg: Completed, _: &mut Self::Context) {
-        let mut touched: Vec<TopicPartition> = Vec::new();
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        // A write's records come by entity, their partitions interleaved; a write touches a few
+        // dozen partitions at most, so a scan beats sorting its records, and each partition is
+        // then looked up once for all its offsets.
+        let mut by_partition: Vec<(&TopicPartition, Vec<i64>)> = Vec::new();
         for origin in &msg.origins {
-            if let Some(stamps) = self.tracker.complete(origin) {
+            let tp = &origin.tp;
+            match by_partition
+                .iter_mut()
+                .find(|(t, _)| t.partition == tp.partition && t.topic == tp.topic)
+            {
+                Some((_, offsets)) => offsets.push(origin.offset),
+                None => by_partition.push((tp, vec![origin.offset])),
+            }
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (tp, offsets) in by_partition {
+            let (topology, metrics) = (&self.topology, &self.metrics);
+            let completed = self.tracker.complete_all(tp, offsets, |stamps| {
                 let timestamp_ms = stamps.produced_ms;
                 if timestamp_ms > 0 {
-                    self.topology.latency.record_ms(now_ms - timestamp_ms);
-                    self.metrics
+                    topology.latency.record_ms(now_ms - timestamp_ms);
+                    metrics
                         .event_latency
                         .observe((now_ms - timestamp_ms).max(0) as f64 / 1000.0);
                 }
-                self.topology
+                topology
                     .service_latency
                     .record_ms(now_ms - stamps.delivered_ms);
-                // In-flight counts are added by `deliver` and taken off here, once per record.
-                if let Some(p) = self.topology.partitions.get(&origin.tp) {
-                    p.in_flight.fetch_sub(1, Ordering::Relaxed);
-                }
-                // A write's records come by entity, their partitions interleaved; a write
-                // touches a few dozen partitions at most, so a scan beats sorting its records'.
-                let tp = &origin.tp;
-                if !touched
-                    .iter()
-                    .any(|t| t.partition == tp.partition && t.topic == tp.topic)
-                {
-                    touched.push(tp.clone());
+            });
+            if completed == 0 {
+                continue;
+            }
+            // In-flight counts are added by `deliver` and taken off here, once per record.
+            if let Some(p) = self.topology.partitions.get(tp) {
+                p.in_flight.fetch_sub(completed as i64, Ordering::Relaxed);
+                if let Some(c) = self.tracker.committable(tp) {
+                    p.committable.store(c, Ordering::Relaxed);
                 }
             }
-        }
-        for tp in &touched {
-            self.publish_committable(tp);
             self.answer_drained(tp);
         }
     }

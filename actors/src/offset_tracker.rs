@@ -62,9 +62,31 @@ impl OffsetTracker {
 
     /// Records that `origin` is fully processed; its stamps, or `None` if it was not in flight.
     pub fn complete(&mut self, origin: &Origin) -> Option<Stamps> {
-        self.parts
-            .get_mut(&origin.tp)
-            .and_then(|p| p.in_flight.remove(&origin.offset))
+        let mut stamps = None;
+        self.complete_all(&origin.tp, [origin.offset], |s| stamps = Some(s));
+        stamps
+    }
+
+    /// Records that each of `offsets` of `tp` is fully processed, handing `each` the stamps of
+    /// those that were in flight; the partition is looked up once for them all (a write
+    /// completes hundreds). Returns how many were in flight.
+    pub fn complete_all(
+        &mut self,
+        tp: &TopicPartition,
+        offsets: impl IntoIterator<Item = i64>,
+        mut each: impl FnMut(Stamps),
+    ) -> usize {
+        let Some(p) = self.parts.get_mut(tp) else {
+            return 0;
+        };
+        let mut completed = 0;
+        for offset in offsets {
+            if let Some(stamps) = p.in_flight.remove(&offset) {
+                each(stamps);
+                completed += 1;
+            }
+        }
+        completed
     }
 
     /// The offset that may be committed for `tp`: nothing before it is unfinished.
@@ -140,6 +162,27 @@ mod tests {
         assert_eq!(t.committable(&tp()), Some(13));
         done(&mut t, 13);
         assert_eq!(t.committable(&tp()), Some(15));
+    }
+
+    #[test]
+    fn a_batch_completes_each_offset_in_flight_once_and_hands_over_its_stamps() {
+        let mut t = OffsetTracker::default();
+        for o in 0..4 {
+            let stamps = Stamps {
+                produced_ms: 100 + o,
+                delivered_ms: 200 + o,
+            };
+            t.register(&tp(), o, stamps);
+        }
+        let mut seen = Vec::new();
+        // 9 was never in flight, and 2 comes twice: each counts once.
+        let n = t.complete_all(&tp(), [2, 0, 9, 2], |s| seen.push(s.produced_ms));
+        assert_eq!(n, 2);
+        assert_eq!(seen, vec![102, 100]);
+        assert_eq!(t.committable(&tp()), Some(1));
+        assert_eq!(t.in_flight(&tp()), 2);
+        let other = TopicPartition::new("t", 1);
+        assert_eq!(t.complete_all(&other, [1], |_| panic!("not tracked")), 0);
     }
 
     #[test]
