@@ -28,7 +28,7 @@ use crate::embedded_broker::EmbeddedBroker;
 use crate::event_producer::{Deliveries, EventProducer};
 use crate::generator::{Generator, GeneratorConfig, Kind};
 use crate::service;
-use crate::thread_cpu::{self, CpuByGroup, Snapshot, ThreadGroup};
+use crate::thread_cpu::{self, CpuByGroup, ServiceParts, Snapshot, ThreadGroup};
 
 /// Options of the benchmark.
 #[derive(Clone, Debug)]
@@ -711,6 +711,7 @@ pub fn render(r: &BenchReport) -> String {
          aggregator (full service)  {}\n\
          \x20 its CPU by thread, us/event: service {:.1}, Kafka clients {:.1}, embedded broker {:.1}, \
          bench producer {:.1}\n\
+         \x20 the service's by part: {}\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          \x20 of it, delivered to the actors->committable: {service_latency}\n\
@@ -739,6 +740,7 @@ pub fn render(r: &BenchReport) -> String {
         r.aggregator_cpu_by_thread.kafka_clients,
         r.aggregator_cpu_by_thread.embedded_broker,
         r.aggregator_cpu_by_thread.bench_producer,
+        service_parts_line(&r.aggregator_cpu_by_thread.service_parts),
         r.ratio,
         r.peak_rss_mib,
         r.broker_peak_rss_mib,
@@ -767,6 +769,15 @@ pub(crate) fn workload_line(w: &Workload, unit: &str) -> String {
     format!(
         "{:>10.0} {unit}s/s ({:.2} s, CPU {:.1} us/{unit})",
         w.events_per_sec, w.seconds, w.cpu_us_per_event
+    )
+}
+
+/// The service's CPU per event by part, for the report.
+fn service_parts_line(p: &ServiceParts) -> String {
+    format!(
+        "actors {:.1}, dedup actor {:.1}, blocking pool (encoding, store stages) {:.1}, sled I/O \
+         {:.1}, consumer (polls and parses) {:.1}, view loader {:.1}, other {:.1}",
+        p.actors, p.dedup, p.blocking_pool, p.sled_io, p.consumer, p.view_loader, p.other
     )
 }
 

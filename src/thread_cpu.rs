@@ -35,6 +35,86 @@ pub fn group_of(name: &str) -> ThreadGroup {
     }
 }
 
+/// Which part of the service a thread of [`ThreadGroup::Service`] works for, by its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ServicePart {
+    /// The thread that runs the actor system (the partition supervisors, the entity actors and
+    /// the offset committer): the one the snapshots are taken on.
+    Actors,
+    /// The arbiters' threads: the dedup actor's own.
+    Dedup,
+    /// The blocking pool: encoding writes, the store stages and their flushes.
+    BlockingPool,
+    /// sled's I/O threads: writing its log, and freeing old node copies.
+    SledIo,
+    /// The consumer's poll loop, which also parses.
+    Consumer,
+    /// The view loader.
+    ViewLoader,
+    /// Any other thread of the service (HTTP, offset commits).
+    Other,
+}
+
+/// The part of the service a thread named `name` works for, other than the actors' thread,
+/// which is told by its id.
+pub fn service_part_of(name: &str) -> ServicePart {
+    match name {
+        "kafka-consumer" => ServicePart::Consumer,
+        "view-loader" => ServicePart::ViewLoader,
+        // tokio's default name for a runtime's threads; the service's runtimes are
+        // single-threaded, so only their blocking pools carry it.
+        "tokio-rt-worker" => ServicePart::BlockingPool,
+        n if n.starts_with("sled-io") => ServicePart::SledIo,
+        n if n.starts_with("actix-rt|") => ServicePart::Dedup,
+        _ => ServicePart::Other,
+    }
+}
+
+/// The service's CPU seconds by part, in microseconds per event once divided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct ServiceParts {
+    /// The actors' thread.
+    pub actors: f64,
+    /// The dedup actor's thread.
+    pub dedup: f64,
+    /// The blocking pool (encoding, store stages, flushes).
+    pub blocking_pool: f64,
+    /// sled's I/O threads.
+    pub sled_io: f64,
+    /// The consumer's poll loop.
+    pub consumer: f64,
+    /// The view loader.
+    pub view_loader: f64,
+    /// The rest.
+    pub other: f64,
+}
+
+impl ServiceParts {
+    fn add(&mut self, part: ServicePart, seconds: f64) {
+        *match part {
+            ServicePart::Actors => &mut self.actors,
+            ServicePart::Dedup => &mut self.dedup,
+            ServicePart::BlockingPool => &mut self.blocking_pool,
+            ServicePart::SledIo => &mut self.sled_io,
+            ServicePart::Consumer => &mut self.consumer,
+            ServicePart::ViewLoader => &mut self.view_loader,
+            ServicePart::Other => &mut self.other,
+        } += seconds;
+    }
+
+    fn scaled(&self, by: impl Fn(f64) -> f64) -> ServiceParts {
+        ServiceParts {
+            actors: by(self.actors),
+            dedup: by(self.dedup),
+            blocking_pool: by(self.blocking_pool),
+            sled_io: by(self.sled_io),
+            consumer: by(self.consumer),
+            view_loader: by(self.view_loader),
+            other: by(self.other),
+        }
+    }
+}
+
 /// CPU seconds per group, in microseconds per event once divided (see [`CpuByGroup::per_event`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct CpuByGroup {
@@ -46,10 +126,15 @@ pub struct CpuByGroup {
     pub embedded_broker: f64,
     /// The bench producer.
     pub bench_producer: f64,
+    /// The service's share, by part.
+    pub service_parts: ServiceParts,
 }
 
 impl CpuByGroup {
-    fn add(&mut self, group: ThreadGroup, seconds: f64) {
+    fn add(&mut self, group: ThreadGroup, part: ServicePart, seconds: f64) {
+        if group == ThreadGroup::Service {
+            self.service_parts.add(part, seconds);
+        }
         *match group {
             ThreadGroup::Service => &mut self.service,
             ThreadGroup::KafkaClients => &mut self.kafka_clients,
@@ -66,19 +151,25 @@ impl CpuByGroup {
             kafka_clients: us(self.kafka_clients),
             embedded_broker: us(self.embedded_broker),
             bench_producer: us(self.bench_producer),
+            service_parts: self.service_parts.scaled(us),
         }
     }
 }
 
 /// The CPU seconds each live thread had used at one moment, by thread id, with its group.
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot(HashMap<u32, (ThreadGroup, f64)>);
+pub struct Snapshot(HashMap<u32, (ThreadGroup, ServicePart, f64)>);
 
 impl Snapshot {
-    /// Every live thread's group and CPU time now (empty where `/proc` is unreadable).
+    /// Every live thread's group and CPU time now (empty where `/proc` is unreadable); the
+    /// calling thread counts as the actors' (the bench takes its snapshots on the thread that
+    /// runs the actor system).
     pub fn now() -> Self {
         let mut threads = HashMap::new();
         read_tasks("/proc/self/task", group_of, &mut threads);
+        if let Some((_, part, _)) = own_tid().and_then(|tid| threads.get_mut(&tid)) {
+            *part = ServicePart::Actors;
+        }
         Snapshot(threads)
     }
 
@@ -95,8 +186,8 @@ impl Snapshot {
     pub fn seconds_of(&self, group: ThreadGroup) -> Option<f64> {
         self.0
             .values()
-            .filter(|(of, _)| *of == group)
-            .map(|(_, seconds)| *seconds)
+            .filter(|(of, _, _)| *of == group)
+            .map(|(_, _, seconds)| *seconds)
             .reduce(|a, b| a + b)
     }
 
@@ -104,9 +195,9 @@ impl Snapshot {
     /// meanwhile is not counted; one started meanwhile counts from its start).
     pub fn since(&self, earlier: &Snapshot) -> CpuByGroup {
         let mut by_group = CpuByGroup::default();
-        for (tid, (group, seconds)) in &self.0 {
-            let before = earlier.0.get(tid).map_or(0.0, |(_, s)| *s);
-            by_group.add(*group, (seconds - before).max(0.0));
+        for (tid, (group, part, seconds)) in &self.0 {
+            let before = earlier.0.get(tid).map_or(0.0, |(_, _, s)| *s);
+            by_group.add(*group, *part, (seconds - before).max(0.0));
         }
         by_group
     }
@@ -117,7 +208,7 @@ impl Snapshot {
 fn read_tasks(
     dir: &str,
     group: impl Fn(&str) -> ThreadGroup,
-    into: &mut HashMap<u32, (ThreadGroup, f64)>,
+    into: &mut HashMap<u32, (ThreadGroup, ServicePart, f64)>,
 ) {
     let Ok(tasks) = std::fs::read_dir(dir) else {
         return;
@@ -131,9 +222,15 @@ fn read_tasks(
             .as_deref()
             .and_then(parse_stat)
         {
-            into.insert(tid, (group(name), seconds));
+            into.insert(tid, (group(name), service_part_of(name), seconds));
         }
     }
+}
+
+/// The calling thread's id, if `/proc` tells.
+fn own_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
 }
 
 /// CPU seconds the calling thread has used so far (user and system), if `/proc` tells.
@@ -188,6 +285,39 @@ mod tests {
         ] {
             assert_eq!(group_of(name), group, "{name}");
         }
+    }
+
+    #[test]
+    fn service_threads_are_split_by_part_and_the_parts_make_up_the_service() {
+        for (name, part) in [
+            ("actix-rt|system", ServicePart::Dedup),
+            ("tokio-rt-worker", ServicePart::BlockingPool),
+            ("sled-io-3", ServicePart::SledIo),
+            ("kafka-consumer", ServicePart::Consumer),
+            ("view-loader", ServicePart::ViewLoader),
+            ("offset-commit", ServicePart::Other),
+            ("aggregator", ServicePart::Other),
+        ] {
+            assert_eq!(service_part_of(name), part, "{name}");
+        }
+        // The thread a snapshot is taken on is the actors', whatever its name.
+        let snapshot = Snapshot::now();
+        let own = own_tid().expect("Linux tells a thread its id");
+        assert!(matches!(
+            snapshot.0.get(&own),
+            Some((_, ServicePart::Actors, _))
+        ));
+        let mut cpu = CpuByGroup::default();
+        cpu.add(ThreadGroup::Service, ServicePart::Actors, 2.0);
+        cpu.add(ThreadGroup::Service, ServicePart::SledIo, 0.5);
+        // A Kafka client's thread counts for no part of the service, whatever its name says.
+        cpu.add(ThreadGroup::KafkaClients, ServicePart::Other, 1.0);
+        let per_event = cpu.per_event(1_000_000);
+        assert_eq!(per_event.service, 2.5);
+        assert_eq!(per_event.service_parts.actors, 2.0);
+        assert_eq!(per_event.service_parts.sled_io, 0.5);
+        assert_eq!(per_event.service_parts.other, 0.0);
+        assert_eq!(per_event.kafka_clients, 1.0);
     }
 
     #[test]

@@ -51,6 +51,14 @@ async fn short_benchmark_completes_and_applies_every_event() {
         "the threads' shares make up the process's CPU: {}",
         bench::render(&report)
     );
+    let p = by_thread.service_parts;
+    let service_parts =
+        p.actors + p.dedup + p.blocking_pool + p.sled_io + p.consumer + p.view_loader + p.other;
+    assert!(
+        (service_parts - by_thread.service).abs() < 1e-6 && p.actors > 0.0,
+        "the service's parts make up its share: {}",
+        bench::render(&report)
+    );
     // Its CPU share is counted too, but a run this short can take less than one of /proc's
     // 10 ms ticks of it; `thread_cpu`'s unit tests pin that a child's threads are counted.
     assert!(
