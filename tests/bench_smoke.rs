@@ -30,6 +30,14 @@ async fn short_benchmark_completes_and_applies_every_event() {
     config.store.dedup_window = 8_000;
     // Fewer live actors than keys, so that the service passivates and loads views again.
     config.tuning.max_live_entities = 500;
+    // The bound is looked at again after every 50 new actors, and passivates only actors with
+    // nothing unfinished. With the default window a fast consumer could start all 2,000 actors
+    // before any had finished an event, and none was passivated. A partition is paused once
+    // its window is full, which a poll overshoots by its own size at most: with 14 partitions
+    // of 100 in flight and polls of 50, at most 1,450 actors can be busy, so a look made
+    // before the 2,000th starts finds an idle one.
+    config.tuning.max_in_flight_per_partition = 100;
+    config.tuning.poll_batch = 50;
     let options = short_options();
     let report = bench::run(config, options).await.unwrap();
     assert!(report.verified, "{}", bench::render(&report));
