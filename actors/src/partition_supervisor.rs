@@ -4,6 +4,7 @@
 //! passed it, so that when an entity actor dies with events in its mailbox, the next actor of that
 //! key gets them again, in offset order, before anything newer. On revocation it drains and stops.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -80,52 +81,112 @@ pub fn rewind_all_partitions(topology: &Topology) {
 #[rtype(result = "Option<i64>")]
 pub struct Drain;
 
-/// A key's unfinished records, in offset order, and the entity actor incarnation that has been
-/// sent every one of them.
-#[derive(Default)]
-struct KeyRecords {
-    records: VecDeque<(i64, Arc<Record>)>,
+/// What a supervisor keeps of a key: the entity actor incarnation that has been sent every
+/// record of the key held, and the offset of the key's last record (the key holds records while
+/// that one is held).
+struct KeyState {
     sent_to: Option<u64>,
+    last_offset: i64,
 }
 
-impl KeyRecords {
-    /// The records below `before` (all when `None`), in offset order, that no entity actor
-    /// finished: what a new actor of the key must be sent again.
-    fn to_replay(&self, before: Option<i64>) -> Vec<Arc<Record>> {
-        self.records
-            .iter()
-            .take_while(|(offset, _)| before.is_none_or(|b| *offset < b))
-            .filter(|(_, record)| !record.finished.get())
-            .map(|(_, record)| record.clone())
-            .collect()
-    }
+/// Keys kept beyond twice the records held before the keys that hold none are dropped.
+const IDLE_KEYS_KEPT: usize = 1024;
 
-    /// Notes that `incarnation` has been sent every record below `before`, and returns those it
-    /// must be sent again first: none when it is the actor they were sent to, or the key's first.
-    fn hand_to(&mut self, incarnation: u64, before: Option<i64>) -> Vec<Arc<Record>> {
-        match self.sent_to.replace(incarnation) {
-            Some(earlier) if earlier != incarnation => self.to_replay(before),
-            _ => Vec::new(),
-        }
-    }
-}
-
-/// Routed records not yet passed by the committer, by key, in offset order. Both structures
-/// share one copy of each record's key, and a key is looked up once to route a record to it.
+/// Routed records not yet passed by the committer, in offset order, each with its key (the
+/// map's own copy); and per key, whom its records were handed to. A key's records are found by
+/// walking those held, which only a new actor of a key that holds records needs; forgetting a
+/// record so touches neither its key's entry nor a queue of its own.
 #[derive(Default)]
 struct Unfinished {
-    order: VecDeque<(i64, Arc<str>)>,
-    by_key: HashMap<Arc<str>, KeyRecords, KeyHasher>,
+    order: VecDeque<(i64, Arc<str>, Arc<Record>)>,
+    by_key: HashMap<Arc<str>, KeyState, KeyHasher>,
+}
+
+/// Whether a key whose last record is at `last_offset` still holds records, the first held
+/// being at `front`.
+fn holds(front: Option<i64>, last_offset: i64) -> bool {
+    front.is_some_and(|front| last_offset >= front)
 }
 
 impl Unfinished {
-    /// Holds `record` of `key` until the committer passes it; returns the key's records.
-    fn push(&mut self, key: Arc<str>, record: Arc<Record>) -> &mut KeyRecords {
+    /// Offset of the first record held.
+    fn front(&self) -> Option<i64> {
+        self.order.front().map(|(offset, _, _)| *offset)
+    }
+
+    /// The records of `key` (the map's copy) held and finished by no entity actor, in offset
+    /// order: what a new actor of the key must be sent again.
+    fn unfinished_of(&self, key: &Arc<str>) -> Vec<Arc<Record>> {
+        self.order
+            .iter()
+            .filter(|(_, of, record)| Arc::ptr_eq(of, key) && !record.finished.get())
+            .map(|(_, _, record)| record.clone())
+            .collect()
+    }
+
+    /// Holds `record` of `key` until the committer passes it, noting that actor `incarnation`
+    /// is sent it; returns the key's records an earlier actor left unfinished, which this one
+    /// must be sent first (none when it is the actor they were sent to, or the key holds none).
+    fn push(&mut self, key: Arc<str>, record: Arc<Record>, incarnation: u64) -> Vec<Arc<Record>> {
         let offset = record.origin.offset;
-        self.order.push_back((offset, key.clone()));
-        let held = self.by_key.entry(key).or_default();
-        held.records.push_back((offset, record));
-        held
+        let front = self.front();
+        let (key, earlier) = match self.by_key.entry(key) {
+            Entry::Occupied(mut held) => {
+                let state = held.get_mut();
+                let earlier = if holds(front, state.last_offset) {
+                    state.sent_to
+                } else {
+                    None
+                };
+                state.sent_to = Some(incarnation);
+                state.last_offset = offset;
+                (held.key().clone(), earlier)
+            }
+            Entry::Vacant(new) => {
+                let key = new.key().clone();
+                new.insert(KeyState {
+                    sent_to: Some(incarnation),
+                    last_offset: offset,
+                });
+                (key, None)
+            }
+        };
+        let replay = match earlier {
+            Some(earlier) if earlier != incarnation => self.unfinished_of(&key),
+            _ => Vec::new(),
+        };
+        self.order.push_back((offset, key, record));
+        replay
+    }
+
+    /// Whether `key` holds records.
+    fn holds_key(&self, key: &str) -> bool {
+        let front = self.front();
+        self.by_key
+            .get(key)
+            .is_some_and(|state| holds(front, state.last_offset))
+    }
+
+    /// Notes that actor `incarnation` of `key` is to be sent every record of the key held, and
+    /// returns those no actor finished, unless it was sent them already (a replay asked for
+    /// when an actor died).
+    fn hand_all_to(&mut self, key: &str, incarnation: u64) -> Vec<Arc<Record>> {
+        let front = self.front();
+        let Some((key, state)) = self.by_key.get_key_value(key) else {
+            return Vec::new();
+        };
+        if !holds(front, state.last_offset) {
+            return Vec::new();
+        }
+        let key = key.clone();
+        let earlier = self
+            .by_key
+            .get_mut(&key)
+            .and_then(|state| state.sent_to.replace(incarnation));
+        match earlier {
+            Some(earlier) if earlier != incarnation => self.unfinished_of(&key),
+            _ => Vec::new(),
+        }
     }
 
     /// Forgets records below `committable`: their effects are durable. It stops at the first
@@ -134,30 +195,18 @@ impl Unfinished {
     /// read before the rewind), and a record forgotten unfinished could not be handed to the
     /// next actor of its key if the one holding it died.
     fn prune(&mut self, committable: i64) {
-        while let Some((offset, key)) = self.order.front() {
-            if *offset >= committable {
+        while let Some((offset, _, record)) = self.order.front() {
+            if *offset >= committable || !record.finished.get() {
                 break;
             }
-            let emptied = match self.by_key.get_mut(key) {
-                Some(held) => {
-                    if !held
-                        .records
-                        .front()
-                        .is_some_and(|(_, record)| record.finished.get())
-                    {
-                        break;
-                    }
-                    held.records.pop_front();
-                    held.records.is_empty()
-                }
-                None => false,
-            };
-            let Some((_, key)) = self.order.pop_front() else {
-                break;
-            };
-            if emptied {
-                self.by_key.remove(&key);
-            }
+            self.order.pop_front();
+        }
+        // The keys that hold nothing are dropped in one pass once they outnumber those that
+        // can hold records, so the pass costs a few key entries a record.
+        if self.by_key.len() > 2 * self.order.len() + IDLE_KEYS_KEPT {
+            let front = self.front();
+            self.by_key
+                .retain(|_, state| holds(front, state.last_offset));
         }
     }
 }
@@ -270,13 +319,11 @@ impl PartitionSupervisor {
     fn route(&mut self, event: Event, record: Record) {
         let record = Arc::new(record);
         let key: Arc<str> = Arc::from(event.key.as_str());
-        let offset = record.origin.offset;
         let handle = self.entity(&key);
         // A new actor of the key is sent what an earlier one left unfinished before this record.
         let replay = self
             .unfinished
-            .push(key, record.clone())
-            .hand_to(handle.incarnation, Some(offset));
+            .push(key, record.clone(), handle.incarnation);
         self.resend(&handle, replay);
         self.send(&handle, event, record);
     }
@@ -373,14 +420,11 @@ impl Handler<ReplayEntity> for PartitionSupervisor {
             return;
         }
         self.forget_committed();
-        if !self.unfinished.by_key.contains_key(msg.key.as_str()) {
+        if !self.unfinished.holds_key(&msg.key) {
             return;
         }
         let handle = self.entity(&msg.key);
-        let replay = match self.unfinished.by_key.get_mut(msg.key.as_str()) {
-            Some(held) => held.hand_to(handle.incarnation, None),
-            None => Vec::new(),
-        };
+        let replay = self.unfinished.hand_all_to(&msg.key, handle.incarnation);
         self.resend(&handle, replay);
     }
 }
@@ -433,32 +477,42 @@ mod tests {
         })
     }
 
+    /// The offsets of `records`.
+    fn offsets(records: &[Arc<Record>]) -> Vec<i64> {
+        records.iter().map(|r| r.origin.offset).collect()
+    }
+
+    /// The offsets held, in order.
+    fn held(u: &Unfinished) -> Vec<i64> {
+        u.order.iter().map(|(offset, _, _)| *offset).collect()
+    }
+
+    /// Holds records at `offsets` for their keys, all sent to actor 1; returns them.
+    fn push_all(u: &mut Unfinished, records: &[(i64, &str)]) -> Vec<Arc<Record>> {
+        records
+            .iter()
+            .map(|(offset, key)| {
+                let r = record(*offset);
+                assert!(u.push((*key).into(), r.clone(), 1).is_empty());
+                r
+            })
+            .collect()
+    }
+
     #[test]
-    fn unfinished_records_are_kept_per_key_in_order_until_the_committer_passes_them() {
+    fn unfinished_records_are_kept_in_order_until_the_committer_passes_them() {
         let mut u = Unfinished::default();
-        for (offset, key) in [(0, "a"), (1, "b"), (2, "a"), (3, "a")] {
-            u.push(key.into(), record(offset));
-        }
-        u.by_key.get_mut("b").expect("b is held").sent_to = Some(1);
-        let offsets = |u: &Unfinished, k: &str| -> Vec<i64> {
-            u.by_key
-                .get(k)
-                .into_iter()
-                .flat_map(|held| held.records.iter())
-                .map(|(o, _)| *o)
-                .collect()
-        };
-        assert_eq!(offsets(&u, "a"), [0, 2, 3]);
-        for held in u.by_key.values() {
-            for (_, r) in &held.records {
-                r.finished.set();
-            }
+        let records = push_all(&mut u, &[(0, "a"), (1, "b"), (2, "a"), (3, "a")]);
+        assert!(u.holds_key("a") && u.holds_key("b") && !u.holds_key("c"));
+        for r in &records {
+            r.finished.set();
         }
         u.prune(2);
-        assert_eq!(offsets(&u, "a"), [2, 3]);
-        assert!(!u.by_key.contains_key("b"), "b is forgotten with its actor");
+        assert_eq!(held(&u), [2, 3]);
+        assert!(!u.holds_key("b"), "b is forgotten with its last record");
+        assert!(u.holds_key("a"));
         u.prune(10);
-        assert!(u.by_key.is_empty() && u.order.is_empty());
+        assert!(u.order.is_empty() && !u.holds_key("a"));
     }
 
     #[test]
@@ -466,69 +520,89 @@ mod tests {
         // Read again after a rewind from 0, while the committable offset published for the
         // records of the supervisor before it still says 3.
         let mut u = Unfinished::default();
-        for (offset, key) in [(0, "a"), (1, "b"), (2, "a")] {
-            u.push(key.into(), record(offset));
-        }
-        u.by_key["a"].records[0].1.finished.set();
+        let records = push_all(&mut u, &[(0, "a"), (1, "b"), (2, "a")]);
+        records[0].finished.set();
         u.prune(3);
-        let left: Vec<i64> = u.order.iter().map(|(o, _)| *o).collect();
-        assert_eq!(left, [1, 2], "1 is unfinished: it and what follows stay");
-        let replay: Vec<i64> = u.by_key["b"]
-            .to_replay(None)
-            .iter()
-            .map(|r| r.origin.offset)
-            .collect();
-        assert_eq!(replay, [1], "the next actor of b is handed it again");
-        u.by_key["b"].records[0].1.finished.set();
+        assert_eq!(
+            held(&u),
+            [1, 2],
+            "1 is unfinished: it and what follows stay"
+        );
+        assert_eq!(
+            offsets(&u.hand_all_to("b", 2)),
+            [1],
+            "the next actor of b is handed it again"
+        );
+        records[1].finished.set();
         u.prune(3);
-        assert_eq!(u.order.iter().map(|(o, _)| *o).collect::<Vec<_>>(), [2]);
-        u.by_key["a"].records[0].1.finished.set();
+        assert_eq!(held(&u), [2]);
+        records[2].finished.set();
         u.prune(3);
-        assert!(u.order.is_empty() && u.by_key.is_empty());
+        assert!(u.order.is_empty());
     }
 
     #[test]
     fn only_records_no_actor_finished_are_replayed_in_order() {
         let mut u = Unfinished::default();
-        for offset in 0..5 {
-            u.push("a".into(), record(offset));
-        }
-        u.push("b".into(), record(5));
-        let offsets = |records: Vec<Arc<Record>>| -> Vec<i64> {
-            records.iter().map(|r| r.origin.offset).collect()
-        };
-        assert_eq!(offsets(u.by_key["a"].to_replay(None)), [0, 1, 2, 3, 4]);
-        // The actor that died finished the first two; the third and fourth were in its mailbox.
-        for (_, r) in u.by_key["a"].records.iter().take(2) {
-            r.finished.set();
-        }
-        assert_eq!(offsets(u.by_key["a"].to_replay(None)), [2, 3, 4]);
-        assert_eq!(
-            offsets(u.by_key["a"].to_replay(Some(4))),
-            [2, 3],
-            "the record being routed is sent next"
-        );
+        let records = push_all(&mut u, &[(0, "a"), (1, "a"), (2, "b"), (3, "a"), (4, "a")]);
+        // The actor that died finished the first two; the others were in its mailbox.
+        records[0].finished.set();
+        records[1].finished.set();
+        assert_eq!(offsets(&u.hand_all_to("a", 2)), [3, 4]);
+        assert_eq!(offsets(&u.hand_all_to("b", 3)), [2]);
+        // The next record of a goes to actor 3, which is sent a's unfinished ones first, the
+        // record being routed excepted (it is sent next).
+        assert_eq!(offsets(&u.push("a".into(), record(5), 3)), [3, 4]);
     }
 
     #[test]
     fn a_new_actor_of_a_key_is_handed_once_what_the_one_before_left_unfinished() {
         let mut u = Unfinished::default();
-        let offsets = |records: Vec<Arc<Record>>| -> Vec<i64> {
-            records.iter().map(|r| r.origin.offset).collect()
-        };
         // The key's first actor, and the same actor again: nothing to send twice.
-        assert!(u.push("a".into(), record(0)).hand_to(1, Some(0)).is_empty());
-        assert!(u.push("a".into(), record(1)).hand_to(1, Some(1)).is_empty());
-        u.by_key["a"].records[0].1.finished.set();
+        let first = record(0);
+        assert!(u.push("a".into(), first.clone(), 1).is_empty());
+        assert!(u.push("a".into(), record(1), 1).is_empty());
+        first.finished.set();
         // Actor 1 died with record 1 in its mailbox; actor 2 gets it before record 2.
-        let held = u.push("a".into(), record(2));
-        assert_eq!(offsets(held.hand_to(2, Some(2))), [1]);
-        assert_eq!(held.sent_to, Some(2));
-        assert!(held.hand_to(2, Some(2)).is_empty(), "handed once");
-        // A replay asked for by the actor's death hands over everything unfinished.
-        assert_eq!(
-            offsets(u.by_key.get_mut("a").unwrap().hand_to(3, None)),
-            [1, 2]
+        assert_eq!(offsets(&u.push("a".into(), record(2), 2)), [1]);
+        assert!(u.push("a".into(), record(3), 2).is_empty(), "handed once");
+        assert!(
+            u.hand_all_to("a", 2).is_empty(),
+            "handed once, on a death too"
         );
+        // A replay asked for by the actor's death hands over everything unfinished.
+        assert_eq!(offsets(&u.hand_all_to("a", 3)), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_key_whose_records_were_all_forgotten_starts_afresh() {
+        let mut u = Unfinished::default();
+        let records = push_all(&mut u, &[(0, "a"), (1, "b")]);
+        records[0].finished.set();
+        u.prune(1);
+        // a's actor was passivated meanwhile: its next one has nothing to be sent again.
+        assert!(u.push("a".into(), record(2), 2).is_empty());
+        assert!(u.hand_all_to("b", 2).len() == 1, "b still holds its record");
+    }
+
+    #[test]
+    fn keys_that_hold_nothing_are_dropped_once_they_outnumber_those_held() {
+        let mut u = Unfinished::default();
+        let n = IDLE_KEYS_KEPT + 10;
+        for offset in 0..n as i64 {
+            let r = record(offset);
+            r.finished.set();
+            assert!(u.push(format!("k{offset}").into(), r, 1).is_empty());
+        }
+        let last = record(n as i64);
+        assert!(u.push("last".into(), last, 1).is_empty());
+        u.prune(n as i64);
+        assert_eq!(held(&u), [n as i64]);
+        assert_eq!(
+            u.by_key.len(),
+            1,
+            "only the key that holds a record is kept"
+        );
+        assert!(u.holds_key("last"));
     }
 }
