@@ -77,6 +77,25 @@ impl Envelope {
         })
     }
 
+    /// The number at JSON pointer `pointer`, read from its text without decoding anything else,
+    /// when the pointer names a top-level field or a field of an object payload (what a rule
+    /// reads); `None` when it names something else or no number, which [`Envelope::pointer`]
+    /// then tells apart. Equal to what `pointer` decodes.
+    pub fn number_at(&self, pointer: &str) -> Option<f64> {
+        let path = pointer.strip_prefix('/')?;
+        if path.contains('~') {
+            return None; // an escaped token: `pointer` unescapes it
+        }
+        let text = match path.split_once('/') {
+            None => self.field(path)?,
+            Some(("payload", name)) if !name.contains('/') => {
+                self.payload.as_ref()?.field_text(name)?
+            }
+            Some(_) => return None,
+        };
+        crate::json_fields::json_number(text)
+    }
+
     /// The JSON text of top-level field `name` (not the payload).
     fn field(&self, name: &str) -> Option<&str> {
         self.rest.get(name).map(|span| &self.text[span.clone()])
@@ -797,5 +816,57 @@ mod tests {
             Envelope::from_text("[1]").unwrap_err(),
             Rejection::NotAnObject("array")
         );
+    }
+
+    #[test]
+    fn a_number_read_from_its_text_is_the_number_the_pointer_decodes() {
+        let text = r#"{"code":"C","n":-7,"metadata":{"x":2},"payload":{"a":1.5e3,"b":"9",
+            "c":null,"d":{"e":4},"f":18446744073709551615,"g":0.1,"h~":3,"i/j":5,"k":[6]}}"#;
+        let envelope = Envelope::from_text(text).unwrap();
+        let pointers = [
+            "/n",
+            "/code",
+            "/metadata/x",
+            "/payload",
+            "/payload/a",
+            "/payload/b",
+            "/payload/c",
+            "/payload/d",
+            "/payload/d/e",
+            "/payload/f",
+            "/payload/g",
+            "/payload/h~0",
+            "/payload/i~1j",
+            "/payload/k/0",
+            "/payload/none",
+            "/none",
+            "",
+            "n",
+        ];
+        for pointer in pointers {
+            let decoded = envelope.pointer(pointer);
+            let number = decoded.as_ref().and_then(Value::as_f64);
+            match envelope.number_at(pointer) {
+                Some(x) => assert_eq!(Some(x), number, "{pointer}"),
+                // Only nested and escaped pointers are left to `pointer`.
+                None => assert!(
+                    number.is_none()
+                        || pointer.contains('~')
+                        || pointer.matches('/').count() > 2
+                        || pointer.starts_with("/metadata"),
+                    "{pointer}: {decoded:?}"
+                ),
+            }
+        }
+        assert_eq!(envelope.number_at("/payload/a"), Some(1500.0));
+        assert_eq!(
+            envelope.number_at("/payload/f"),
+            Some(18446744073709551615.0)
+        );
+        assert_eq!(envelope.number_at("/n"), Some(-7.0));
+        // A payload that is not an object is left to `pointer`.
+        let envelope = Envelope::from_text(r#"{"payload": [1, 2], "code": "C"}"#).unwrap();
+        assert_eq!(envelope.number_at("/payload/0"), None);
+        assert_eq!(envelope.pointer("/payload/0"), Some(Value::from(1)));
     }
 }

@@ -38,6 +38,22 @@ impl Figure {
         }
     }
 
+    /// `value` as its JSON text at once (kept decoded should it not write out).
+    pub fn stored(value: Value) -> Self {
+        match serde_json::value::to_raw_value(&value) {
+            Ok(raw) => Figure::Stored(raw),
+            Err(_) => Figure::from(value),
+        }
+    }
+
+    /// The figure's number when it is kept as a number's text, read without a JSON tree.
+    pub fn stored_number(&self) -> Option<f64> {
+        match self {
+            Figure::Stored(raw) => crate::json_fields::json_number(raw.get()),
+            Figure::Value(_) => None,
+        }
+    }
+
     /// Writes a decoded figure back out as its JSON text: a view at rest holds each figure as
     /// one allocation (decoded, an average or a history holds one per value), and writing it
     /// copies the text.
