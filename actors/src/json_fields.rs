@@ -202,52 +202,112 @@ impl Serialize for PairsText<'_> {
     }
 }
 
-/// [`FieldsText`] as stored, borrowed from the stored bytes: an object's pairs in the order they
-/// were written.
-#[derive(Deserialize)]
-pub(crate) enum StoredFields<'a> {
-    Object(#[serde(borrow)] Vec<(&'a str, &'a str)>),
-    // Read only to check the shape: a later value replaces it whole.
-    Other(
-        #[serde(borrow)]
-        #[allow(dead_code)]
-        &'a str,
-    ),
+/// A stored object's field, as postcard wrote the pair (name, JSON text), with its name: a merge
+/// copies it whole, nothing decoded or checked again (the section was checked when read).
+pub(crate) struct StoredField<'a> {
+    name: &'a [u8],
+    encoded: &'a [u8],
 }
 
-/// Fields merged from stored text and an event's payload, written as [`Fields`] are.
-pub(crate) type MergedText<'a> = FieldsText<'a, Vec<(&'a str, &'a str)>>;
+/// [`FieldsText`] as stored, read without decoding its texts: an object's fields in the order
+/// they were written, or anything else (a later value replaces it whole).
+pub(crate) enum StoredFields<'a> {
+    Object(Vec<StoredField<'a>>),
+    Other,
+}
+
+/// Reads the stored [`FieldsText`] at the front of `bytes`.
+pub(crate) fn take_stored_fields(bytes: &[u8]) -> postcard::Result<StoredFields<'_>> {
+    let (variant, rest) = postcard::take_from_bytes::<u32>(bytes)?;
+    match variant {
+        0 => {
+            let (count, mut rest) = postcard::take_from_bytes::<usize>(rest)?;
+            // Each field takes two bytes at least: a count beyond that is damage, not room.
+            let mut fields = Vec::with_capacity(count.min(rest.len() / 2));
+            for _ in 0..count {
+                let (name, after_name) = postcard::take_from_bytes::<&[u8]>(rest)?;
+                let (_, after) = postcard::take_from_bytes::<&[u8]>(after_name)?;
+                let encoded = &rest[..rest.len() - after.len()];
+                fields.push(StoredField { name, encoded });
+                rest = after;
+            }
+            Ok(StoredFields::Object(fields))
+        }
+        1 => postcard::take_from_bytes::<&str>(rest).map(|_| StoredFields::Other),
+        _ => Err(postcard::Error::DeserializeBadEnum),
+    }
+}
+
+/// One field of a merged object: a stored one, copied as encoded, or one of the later value's.
+pub(crate) enum MergedField<'a> {
+    Stored(&'a [u8]),
+    Next(&'a str, &'a str),
+}
+
+/// Fields merged from stored ones and an event's payload, written as [`Fields`] are.
+pub(crate) enum Merged<'a> {
+    Object(Vec<MergedField<'a>>),
+    Other(&'a str),
+}
+
+impl Merged<'_> {
+    /// Writes the merged value as [`FieldsText`] encodes: the variant, then an object's field
+    /// count and its pairs, or the other value's text.
+    pub(crate) fn write<F: postcard::ser_flavors::Flavor>(
+        &self,
+        ser: &mut postcard::Serializer<F>,
+    ) -> postcard::Result<()> {
+        match self {
+            Merged::Object(fields) => {
+                0u32.serialize(&mut *ser)?;
+                fields.len().serialize(&mut *ser)?;
+                for field in fields {
+                    match field {
+                        MergedField::Stored(encoded) => ser.output.try_extend(encoded)?,
+                        MergedField::Next(name, text) => (name, text).serialize(&mut *ser)?,
+                    }
+                }
+                Ok(())
+            }
+            Merged::Other(text) => FieldsText::<()>::Other(text).serialize(ser),
+        }
+    }
+}
 
 impl Fields {
     /// `stored` (`None`: nothing yet) merged with this later value as [`Fields::merge`] merges,
-    /// from their text, nothing decoded; `None` if the stored pairs are not in strict key order
-    /// (a map writes them in order, so only a damaged or foreign value is).
+    /// nothing decoded; `None` if the stored fields are not in strict name order (a map writes
+    /// them in order, so only a damaged or foreign value is).
     pub(crate) fn merged_over<'a>(
         &'a self,
         stored: Option<StoredFields<'a>>,
-    ) -> Option<MergedText<'a>> {
+    ) -> Option<Merged<'a>> {
         let next = match self {
-            Fields::Other(raw) => return Some(FieldsText::Other(raw.get())),
+            Fields::Other(raw) => return Some(Merged::Other(raw.get())),
             object => object.pairs()?,
         };
         let Some(StoredFields::Object(prev)) = stored else {
-            return Some(FieldsText::Object(next.collect()));
+            return Some(Merged::Object(
+                next.map(|(name, text)| MergedField::Next(name, text))
+                    .collect(),
+            ));
         };
-        if !prev.windows(2).all(|w| w[0].0 < w[1].0) {
+        if !prev.windows(2).all(|w| w[0].name < w[1].name) {
             return None;
         }
         let mut merged = Vec::with_capacity(prev.len() + next.len());
         let mut prev = prev.into_iter().peekable();
         for (name, text) in next {
-            while let Some(earlier) = prev.next_if(|(p, _)| *p < name) {
-                merged.push(earlier);
+            let name_bytes = name.as_bytes();
+            while let Some(earlier) = prev.next_if(|p| p.name < name_bytes) {
+                merged.push(MergedField::Stored(earlier.encoded));
             }
             // The later value of a name replaces the stored one.
-            prev.next_if(|(p, _)| *p == name);
-            merged.push((name, text));
+            prev.next_if(|p| p.name == name_bytes);
+            merged.push(MergedField::Next(name, text));
         }
-        merged.extend(prev);
-        Some(FieldsText::Object(merged))
+        merged.extend(prev.map(|p| MergedField::Stored(p.encoded)));
+        Some(Merged::Object(merged))
     }
 }
 

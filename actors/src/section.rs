@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::json_fields::{Fields, FieldsShape, StoredFields};
+use crate::json_fields::{Fields, FieldsShape};
 use crate::name::Name;
 
 /// The latest state one source transferred about the entity.
@@ -29,14 +29,15 @@ pub struct SourceSection {
 }
 
 /// A [`SourceSection`] as stored, read without building it: its head borrowed and its payload
-/// fields as `S` reads them (skipped to check the shape, or as (name, JSON text) pairs for an
-/// event to fold into). postcard writes a struct as its fields one after the other, so a head
-/// and a state encode as `SourceSection`'s fields do (the tests below pin it).
+/// fields as `S` reads them (skipped to check the shape). postcard writes a struct as its fields
+/// one after the other, so a head and a state encode as `SourceSection`'s fields do (the tests
+/// below pin it): an event's fold reads the head, then the state's fields as stored
+/// (`json_fields::take_stored_fields`), and writes them so too.
 #[derive(Deserialize)]
 struct StoredSection<'a, S> {
     #[serde(borrow)]
     _head: SectionHead<'a>,
-    state: S,
+    _state: S,
 }
 
 /// What an event sets in its source's section besides the payload fields: `SourceSection`'s
@@ -53,14 +54,6 @@ pub(crate) struct SectionHead<'a> {
     pub offset: i64,
     /// Its time in milliseconds since the epoch.
     pub timestamp_ms: i64,
-}
-
-/// A section written from borrowed parts, encoding to the bytes of the `SourceSection` it stands
-/// for (see [`StoredSection`]).
-#[derive(Serialize)]
-struct SectionText<'a, S> {
-    head: &'a SectionHead<'a>,
-    state: S,
 }
 
 /// A section of a view: as stored (the binary encoding of a [`SourceSection`], checked to be
@@ -121,17 +114,21 @@ impl Section {
     ) -> Result<Option<Box<[u8]>>, SectionDecodeError> {
         let stored = match section {
             Some(Section::Encoded(bytes)) => {
-                Some(postcard::from_bytes::<StoredSection<StoredFields>>(bytes)?)
+                let (_, state) = postcard::take_from_bytes::<SectionHead>(bytes)?;
+                Some(crate::json_fields::take_stored_fields(state)?)
             }
             Some(Section::Decoded(_)) => return Ok(None),
             None => None,
         };
-        let Some(state) = payload.merged_over(stored.map(|s| s.state)) else {
+        let Some(merged) = payload.merged_over(stored) else {
             return Ok(None);
         };
-        let text = SectionText { head, state };
         // Strings and integers always encode; should they not, the section is changed decoded.
-        Ok(crate::view_codec::encode_part(&text).ok())
+        let written = crate::view_codec::encode_part_with(|ser| {
+            head.serialize(&mut *ser)?;
+            merged.write(ser)
+        });
+        Ok(written.ok())
     }
 
     /// Reads a section's binary encoding off the front of `bytes`, keeping it as it is once its
@@ -195,6 +192,14 @@ impl<'de> Deserialize<'de> for Section {
 mod tests {
     use super::*;
     use crate::json_fields::FieldsText;
+
+    /// A section written from borrowed parts, encoding to the bytes of the `SourceSection` it
+    /// stands for (see [`StoredSection`]).
+    #[derive(Serialize)]
+    struct SectionText<'a, S> {
+        head: &'a SectionHead<'a>,
+        state: S,
+    }
 
     fn section(state: &str) -> SourceSection {
         SourceSection {

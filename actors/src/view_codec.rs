@@ -78,12 +78,19 @@ thread_local! {
 /// Encodes one part of a view (a section) as postcard does, into one allocation of its exact
 /// length.
 pub(crate) fn encode_part<T: Serialize>(part: &T) -> postcard::Result<Box<[u8]>> {
+    encode_part_with(|ser| part.serialize(ser))
+}
+
+/// [`encode_part`] for a part that `write` writes itself (copying bytes already encoded).
+pub(crate) fn encode_part_with(
+    write: impl FnOnce(&mut postcard::Serializer<VecOutput>) -> postcard::Result<()>,
+) -> postcard::Result<Box<[u8]>> {
     PART.with_borrow_mut(|buffer| {
         buffer.clear();
         let mut ser = postcard::Serializer {
             output: VecOutput(std::mem::take(buffer)),
         };
-        let written = part.serialize(&mut ser);
+        let written = write(&mut ser);
         *buffer = ser.output.0;
         written.map(|()| buffer.as_slice().into())
     })
@@ -91,7 +98,7 @@ pub(crate) fn encode_part<T: Serialize>(part: &T) -> postcard::Result<Box<[u8]>>
 
 /// postcard's output into a vector a slice at a time: its `to_io` makes every byte a call to
 /// `memcpy` and its `to_extend` copies byte by byte, which made most of the encoding's time.
-struct VecOutput(Vec<u8>);
+pub(crate) struct VecOutput(Vec<u8>);
 
 impl postcard::ser_flavors::Flavor for VecOutput {
     type Output = Vec<u8>;
