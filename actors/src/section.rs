@@ -103,10 +103,11 @@ impl Section {
     }
 
     /// The stored form of `section` (`None`: the source has none yet) after an event with
-    /// `head` and `payload`, built from the stored text without decoding it: its payload fields
-    /// merged as [`Fields::merge`] merges them. `Ok(None)` when it cannot be built so (the
-    /// section is decoded, or its stored fields are out of order): the section is then changed
-    /// decoded. An error if the stored bytes are damaged.
+    /// `head` and `payload`, built from the stored bytes without decoding them: its payload
+    /// fields merged as [`Fields::merge`] merges them, the stored fields kept copied as they are.
+    /// `Ok(None)` when it cannot be built so (the section is decoded, or its stored fields are
+    /// out of order): the section is then changed decoded. An error if the stored bytes are cut
+    /// short or malformed (their strings were checked when the section was read).
     pub(crate) fn folded(
         section: Option<&Section>,
         head: &SectionHead<'_>,
