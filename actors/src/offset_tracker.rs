@@ -1,7 +1,7 @@
 //! Per-partition bookkeeping of in-flight offsets: what may be committed is the lowest offset not
 //! yet fully processed, or one past the highest seen when nothing is in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 
 use crate::record::{Origin, TopicPartition};
 use crate::KeyHasher;
@@ -15,10 +15,27 @@ pub struct Stamps {
     pub delivered_ms: i64,
 }
 
+/// An offset registered and not yet passed by the committable offset.
+#[derive(Debug)]
+struct Entry {
+    offset: i64,
+    stamps: Stamps,
+    /// Finished: it stays until every offset before it is, so that the queue keeps its order
+    /// without moving entries.
+    done: bool,
+}
+
+/// One partition's offsets in flight, in a queue in offset order: a partition's records are
+/// registered in that order and mostly without gaps, so an offset is found by its distance from
+/// the first (a binary search where gaps or a rewind moved it), and registering and completing
+/// cost no allocation and no rebalancing, as a sorted map's did (about 1,200 instructions a
+/// record in callgrind).
 #[derive(Default, Debug)]
 struct PartitionOffsets {
-    /// In-flight offsets with their stamps.
-    in_flight: BTreeMap<i64, Stamps>,
+    /// Registered offsets in increasing order; the first, if any, is unfinished.
+    queue: VecDeque<Entry>,
+    /// Entries of `queue` not finished.
+    unfinished: usize,
     /// One past the highest offset registered.
     next: Option<i64>,
     /// Last offset handed out for commit.
@@ -27,7 +44,66 @@ struct PartitionOffsets {
 
 impl PartitionOffsets {
     fn committable(&self) -> Option<i64> {
-        self.in_flight.keys().next().copied().or(self.next)
+        self.queue.front().map(|e| e.offset).or(self.next)
+    }
+
+    /// Where `offset` is in the queue, or where it would go.
+    fn position(&self, offset: i64) -> Result<usize, usize> {
+        let guess = self
+            .queue
+            .front()
+            .and_then(|front| offset.checked_sub(front.offset))
+            .and_then(|distance| usize::try_from(distance).ok());
+        match guess {
+            Some(i) if self.queue.get(i).is_some_and(|e| e.offset == offset) => Ok(i),
+            _ => self.queue.binary_search_by_key(&offset, |e| e.offset),
+        }
+    }
+
+    fn register(&mut self, offset: i64, stamps: Stamps) {
+        let entry = Entry {
+            offset,
+            stamps,
+            done: false,
+        };
+        match self.queue.back() {
+            Some(back) if back.offset >= offset => match self.position(offset) {
+                // Registered again (read again after a rewind): in flight again.
+                Ok(i) => {
+                    let e = &mut self.queue[i];
+                    if e.done {
+                        e.done = false;
+                        self.unfinished += 1;
+                    }
+                    e.stamps = stamps;
+                }
+                Err(i) => {
+                    self.queue.insert(i, entry);
+                    self.unfinished += 1;
+                }
+            },
+            _ => {
+                self.queue.push_back(entry);
+                self.unfinished += 1;
+            }
+        }
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Finishes `offset`; its stamps, or `None` if it was not in flight.
+    fn complete(&mut self, offset: i64) -> Option<Stamps> {
+        let i = self.position(offset).ok()?;
+        let e = &mut self.queue[i];
+        if e.done {
+            return None;
+        }
+        e.done = true;
+        let stamps = e.stamps;
+        self.unfinished -= 1;
+        while self.queue.front().is_some_and(|e| e.done) {
+            self.queue.pop_front();
+        }
+        Some(stamps)
     }
 }
 
@@ -55,8 +131,7 @@ impl OffsetTracker {
             None => self.parts.entry(tp.clone()).or_default(),
         };
         for (offset, stamps) in offsets {
-            p.in_flight.insert(offset, stamps);
-            p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+            p.register(offset, stamps);
         }
     }
 
@@ -81,7 +156,7 @@ impl OffsetTracker {
         };
         let mut completed = 0;
         for offset in offsets {
-            if let Some(stamps) = p.in_flight.remove(&offset) {
+            if let Some(stamps) = p.complete(offset) {
                 each(stamps);
                 completed += 1;
             }
@@ -96,7 +171,7 @@ impl OffsetTracker {
 
     /// Offsets in flight for `tp`.
     pub fn in_flight(&self, tp: &TopicPartition) -> usize {
-        self.parts.get(tp).map_or(0, |p| p.in_flight.len())
+        self.parts.get(tp).map_or(0, |p| p.unfinished)
     }
 
     /// The partitions whose committable offset moved past their last commit, with that offset;
@@ -138,6 +213,8 @@ impl OffsetTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn tp() -> TopicPartition {
         TopicPartition::new("t", 0)
@@ -233,5 +310,32 @@ mod tests {
                 offset: 2
             })
             .is_none());
+    }
+
+    proptest! {
+        /// Against a sorted map of the offsets in flight, the plain model of what the queue
+        /// keeps: registrations in any order (rewinds, gaps, again), completions of any offset.
+        #[test]
+        fn the_queue_tracks_what_a_sorted_map_of_offsets_in_flight_would(
+            ops in prop::collection::vec((any::<bool>(), 0i64..48), 1..200),
+        ) {
+            let mut t = OffsetTracker::default();
+            let mut model: BTreeMap<i64, Stamps> = BTreeMap::new();
+            let mut next: Option<i64> = None;
+            for (i, (register, offset)) in ops.into_iter().enumerate() {
+                let stamps = Stamps { produced_ms: i as i64, delivered_ms: 0 };
+                if register {
+                    t.register(&tp(), offset, stamps);
+                    model.insert(offset, stamps);
+                    next = Some(next.map_or(offset + 1, |n| n.max(offset + 1)));
+                } else {
+                    let got = t.complete(&Origin { tp: tp(), offset });
+                    prop_assert_eq!(got, model.remove(&offset));
+                }
+                prop_assert_eq!(t.in_flight(&tp()), model.len());
+                let expected = model.keys().next().copied().or(next);
+                prop_assert_eq!(t.committable(&tp()), expected);
+            }
+        }
     }
 }
