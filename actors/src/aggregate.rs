@@ -220,20 +220,21 @@ impl Aggregate {
 
     /// Folds `input` into the rule's figure, its slot looked up once.
     fn fold_rule(&mut self, rule: &RuleConfig, input: Input) {
-        match self.figures.get_mut(rule.name.as_str()) {
-            Some(figure) if number_stays_text(rule, &input, figure) => {
-                let current = figure.stored_number();
-                if let Some(next) = next_number(rule, &input, current) {
-                    *figure = Figure::stored(number_value(next));
-                }
-            }
-            Some(Figure::Value(slot)) => {
+        let figure = self.figures.get_mut(rule.name.as_str());
+        // A number kept as text is read once and written straight back (`number_stays_text`).
+        let number = figure
+            .as_deref()
+            .and_then(Figure::stored_number)
+            .and_then(|current| next_number(rule, &input, Some(current)));
+        match (figure, number) {
+            (Some(figure), Some(next)) => *figure = Figure::stored(number_value(next)),
+            (Some(Figure::Value(slot)), None) => {
                 **slot = next_figure(rule, input, Some(std::mem::take(&mut **slot)))
             }
-            Some(Figure::Stored(_)) => {
+            (Some(Figure::Stored(_)), None) => {
                 unreachable!("the figures an event changes are decoded before any change")
             }
-            None => {
+            (None, _) => {
                 let first = match next_number(rule, &input, None) {
                     Some(number) => Figure::stored(number_value(number)),
                     None => next_figure(rule, input, None).into(),

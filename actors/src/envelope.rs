@@ -82,16 +82,17 @@ impl Envelope {
     /// reads); `None` when it names something else or no number, which [`Envelope::pointer`]
     /// then tells apart. Equal to what `pointer` decodes.
     pub fn number_at(&self, pointer: &str) -> Option<f64> {
-        let path = pointer.strip_prefix('/')?;
-        if path.contains('~') {
-            return None; // an escaped token: `pointer` unescapes it
-        }
-        let text = match path.split_once('/') {
-            None => self.field(path)?,
-            Some(("payload", name)) if !name.contains('/') => {
-                self.payload.as_ref()?.field_text(name)?
+        let (name, rest) = first_token(pointer)?;
+        let text = if rest.is_empty() {
+            self.field(&name)?
+        } else if name == "payload" {
+            let (field, deeper) = first_token(rest)?;
+            if !deeper.is_empty() {
+                return None;
             }
-            Some(_) => return None,
+            self.payload.as_ref()?.field_text(&field)?
+        } else {
+            return None;
         };
         crate::json_fields::json_number(text)
     }
@@ -848,10 +849,9 @@ mod tests {
             let number = decoded.as_ref().and_then(Value::as_f64);
             match envelope.number_at(pointer) {
                 Some(x) => assert_eq!(Some(x), number, "{pointer}"),
-                // Only nested and escaped pointers are left to `pointer`.
+                // Only nested pointers are left to `pointer`.
                 None => assert!(
                     number.is_none()
-                        || pointer.contains('~')
                         || pointer.matches('/').count() > 2
                         || pointer.starts_with("/metadata"),
                     "{pointer}: {decoded:?}"
@@ -864,6 +864,8 @@ mod tests {
             Some(18446744073709551615.0)
         );
         assert_eq!(envelope.number_at("/n"), Some(-7.0));
+        assert_eq!(envelope.number_at("/payload/h~0"), Some(3.0));
+        assert_eq!(envelope.number_at("/payload/i~1j"), Some(5.0));
         // A payload that is not an object is left to `pointer`.
         let envelope = Envelope::from_text(r#"{"payload": [1, 2], "code": "C"}"#).unwrap();
         assert_eq!(envelope.number_at("/payload/0"), None);

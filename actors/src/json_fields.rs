@@ -146,15 +146,11 @@ impl Fields {
             return Some(self.to_value());
         }
         match self {
-            Fields::Object(fields) => {
-                let (name, rest) = first_token(pointer)?;
-                value_at(fields.get(name.as_ref())?.get(), rest)
-            }
-            Fields::Shared(shared) => {
-                let (name, rest) = first_token(pointer)?;
-                value_at(shared.get(name.as_ref())?, rest)
-            }
             Fields::Other(raw) => value_at(raw.get(), pointer),
+            object => {
+                let (name, rest) = first_token(pointer)?;
+                value_at(object.field_text(&name)?, rest)
+            }
         }
     }
 
