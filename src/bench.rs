@@ -28,7 +28,7 @@ use crate::embedded_broker::EmbeddedBroker;
 use crate::event_producer::{Deliveries, EventProducer};
 use crate::generator::{Generator, GeneratorConfig, Kind};
 use crate::service;
-use crate::thread_cpu::{self, CpuByGroup, ServiceParts, Snapshot, ThreadGroup};
+use crate::thread_cpu::{self, ByGroup, ServiceParts, Snapshot, ThreadGroup};
 
 /// Options of the benchmark.
 #[derive(Clone, Debug)]
@@ -169,7 +169,11 @@ pub struct BenchReport {
     pub aggregator: Workload,
     /// The full service's CPU per event split by thread, in microseconds: its own threads, the
     /// Kafka clients', the embedded broker's and the bench producer's (threads alive at its end).
-    pub aggregator_cpu_by_thread: CpuByGroup,
+    pub aggregator_cpu_by_thread: ByGroup,
+    /// The same threads' wake-ups per event (a thread woken after waiting): where many threads
+    /// are woken per event, a shared machine's cores go to switching between them, and a
+    /// record waits for a core at each hop.
+    pub aggregator_wakeups_by_thread: ByGroup,
     /// aggregator / baseline throughput.
     pub ratio: f64,
     /// Record timestamp to durable-and-committable, in milliseconds.
@@ -234,7 +238,8 @@ const PACING_STEP: Duration = Duration::from_millis(1);
 struct Fed {
     sent: u64,
     duplicates: u64,
-    cpu_seconds: f64,
+    /// The producer thread's own CPU time and wake-ups, read as it ends.
+    own: thread_cpu::Figures,
     _producer: EventProducer,
 }
 
@@ -333,7 +338,7 @@ impl Feeder {
                 Ok(Fed {
                     sent,
                     duplicates,
-                    cpu_seconds: thread_cpu::own_cpu_seconds().unwrap_or(0.0),
+                    own: thread_cpu::Figures::own(),
                     _producer: producer,
                 })
             })?;
@@ -590,18 +595,23 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
     let (seconds, cpu_seconds) = since(first, &broker);
     let threads_at_end = Snapshot::with_broker(broker.pid());
     let mut cpu_by_thread = threads_at_end.since(&threads_at_first);
+    let mut wakeups_by_thread = threads_at_end.wakeups_since(&threads_at_first);
     let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
     let broker_peak_rss_mib = broker.peak_rss_kib() as f64 / 1024.0;
     let latency = running.topology.latency.take();
     let service_latency = running.topology.service_latency.take();
     let fed = feeder.join()?;
-    let (produced, duplicates, producer_cpu) = (fed.sent, fed.duplicates, fed.cpu_seconds);
+    let (produced, duplicates) = (fed.sent, fed.duplicates);
+    // The producer thread ends once it has sent everything; it read its own figures then.
     if threads_at_end
-        .seconds_of(ThreadGroup::BenchProducer)
+        .figures_of(ThreadGroup::BenchProducer)
         .is_none()
     {
-        let at_first = threads_at_first.seconds_of(ThreadGroup::BenchProducer);
-        cpu_by_thread.bench_producer += (producer_cpu - at_first.unwrap_or(0.0)).max(0.0);
+        let at_first = threads_at_first
+            .figures_of(ThreadGroup::BenchProducer)
+            .unwrap_or_default();
+        cpu_by_thread.bench_producer += (fed.own.cpu_seconds - at_first.cpu_seconds).max(0.0);
+        wakeups_by_thread.bench_producer += (fed.own.wakeups - at_first.wakeups).max(0.0);
     }
     drop(fed);
     let (consumed, applied, dropped) = running.metrics.totals();
@@ -656,7 +666,8 @@ pub async fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<Be
         ratio: aggregator.events_per_sec / base.events_per_sec.max(1e-9),
         baseline: base,
         baseline_runs,
-        aggregator_cpu_by_thread: cpu_by_thread.per_event(aggregator.events),
+        aggregator_cpu_by_thread: cpu_by_thread.us_per_event(aggregator.events),
+        aggregator_wakeups_by_thread: wakeups_by_thread.per_event(aggregator.events),
         aggregator,
         latency_ms: latency,
         service_latency_ms: service_latency,
@@ -712,6 +723,8 @@ pub fn render(r: &BenchReport) -> String {
          \x20 its CPU by thread, us/event: service {:.1}, Kafka clients {:.1}, embedded broker {:.1}, \
          bench producer {:.1}\n\
          \x20 the service's by part: {}\n\
+         \x20 its wake-ups per event by thread: service {:.3} ({}), Kafka clients {:.3}, embedded \
+         broker {:.3}, bench producer {:.3}\n\
          ratio aggregator/baseline  {:>10.3}\n\
          latency produce->committable: {latency}\n\
          \x20 of it, delivered to the actors->committable: {service_latency}\n\
@@ -740,7 +753,12 @@ pub fn render(r: &BenchReport) -> String {
         r.aggregator_cpu_by_thread.kafka_clients,
         r.aggregator_cpu_by_thread.embedded_broker,
         r.aggregator_cpu_by_thread.bench_producer,
-        service_parts_line(&r.aggregator_cpu_by_thread.service_parts),
+        service_parts_line(&r.aggregator_cpu_by_thread.service_parts, 1),
+        r.aggregator_wakeups_by_thread.service,
+        service_parts_line(&r.aggregator_wakeups_by_thread.service_parts, 3),
+        r.aggregator_wakeups_by_thread.kafka_clients,
+        r.aggregator_wakeups_by_thread.embedded_broker,
+        r.aggregator_wakeups_by_thread.bench_producer,
         r.ratio,
         r.peak_rss_mib,
         r.broker_peak_rss_mib,
@@ -772,12 +790,20 @@ pub(crate) fn workload_line(w: &Workload, unit: &str) -> String {
     )
 }
 
-/// The service's CPU per event by part, for the report.
-fn service_parts_line(p: &ServiceParts) -> String {
+/// A figure of the service's threads by part (CPU or wake-ups per event) with `decimals`
+/// decimals, for the report.
+fn service_parts_line(p: &ServiceParts, decimals: usize) -> String {
     format!(
-        "actors {:.1}, dedup actor {:.1}, blocking pool (encoding, store stages) {:.1}, sled I/O \
-         {:.1}, consumer (polls and parses) {:.1}, view loader {:.1}, other {:.1}",
-        p.actors, p.dedup, p.blocking_pool, p.sled_io, p.consumer, p.view_loader, p.other
+        "actors {:.d$}, dedup actor {:.d$}, blocking pool (encoding, store stages) {:.d$}, sled \
+         I/O {:.d$}, consumer (polls and parses) {:.d$}, view loader {:.d$}, other {:.d$}",
+        p.actors,
+        p.dedup,
+        p.blocking_pool,
+        p.sled_io,
+        p.consumer,
+        p.view_loader,
+        p.other,
+        d = decimals
     )
 }
 

@@ -1,7 +1,9 @@
-//! CPU time of this process's threads, grouped by what they work for, from `/proc` (Linux): the
-//! bench runs the service beside its own broker and producer, and this tells their shares apart.
+//! CPU time and wake-ups of this process's threads, grouped by what they work for, from `/proc`
+//! (Linux): the bench runs the service beside its own broker and producer, and this tells their
+//! shares apart.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -70,7 +72,7 @@ pub fn service_part_of(name: &str) -> ServicePart {
     }
 }
 
-/// The service's CPU seconds by part, in microseconds per event once divided.
+/// A figure of the service's threads by part: CPU seconds or wake-ups, per event once divided.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct ServiceParts {
     /// The actors' thread.
@@ -115,9 +117,10 @@ impl ServiceParts {
     }
 }
 
-/// CPU seconds per group, in microseconds per event once divided (see [`CpuByGroup::per_event`]).
+/// A figure per thread group: CPU seconds ([`Snapshot::since`]) or wake-ups
+/// ([`Snapshot::wakeups_since`]), per event once divided.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct CpuByGroup {
+pub struct ByGroup {
     /// The service's own threads.
     pub service: f64,
     /// librdkafka's threads and the producers' pollers.
@@ -130,35 +133,72 @@ pub struct CpuByGroup {
     pub service_parts: ServiceParts,
 }
 
-impl CpuByGroup {
-    fn add(&mut self, group: ThreadGroup, part: ServicePart, seconds: f64) {
+impl ByGroup {
+    fn add(&mut self, group: ThreadGroup, part: ServicePart, amount: f64) {
         if group == ThreadGroup::Service {
-            self.service_parts.add(part, seconds);
+            self.service_parts.add(part, amount);
         }
         *match group {
             ThreadGroup::Service => &mut self.service,
             ThreadGroup::KafkaClients => &mut self.kafka_clients,
             ThreadGroup::EmbeddedBroker => &mut self.embedded_broker,
             ThreadGroup::BenchProducer => &mut self.bench_producer,
-        } += seconds;
+        } += amount;
     }
 
-    /// The same in microseconds per event over `events`.
-    pub fn per_event(&self, events: u64) -> CpuByGroup {
-        let us = |seconds: f64| seconds * 1e6 / events.max(1) as f64;
-        CpuByGroup {
-            service: us(self.service),
-            kafka_clients: us(self.kafka_clients),
-            embedded_broker: us(self.embedded_broker),
-            bench_producer: us(self.bench_producer),
-            service_parts: self.service_parts.scaled(us),
+    /// CPU seconds as microseconds per event over `events`.
+    pub fn us_per_event(&self, events: u64) -> ByGroup {
+        self.scaled(|seconds| seconds * 1e6 / events.max(1) as f64)
+    }
+
+    /// Wake-ups per event over `events`.
+    pub fn per_event(&self, events: u64) -> ByGroup {
+        self.scaled(|count| count / events.max(1) as f64)
+    }
+
+    fn scaled(&self, by: impl Fn(f64) -> f64) -> ByGroup {
+        ByGroup {
+            service: by(self.service),
+            kafka_clients: by(self.kafka_clients),
+            embedded_broker: by(self.embedded_broker),
+            bench_producer: by(self.bench_producer),
+            service_parts: self.service_parts.scaled(by),
         }
     }
 }
 
-/// The CPU seconds each live thread had used at one moment, by thread id, with its group.
+/// What a thread (or threads, summed) had used at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// CPU seconds used so far (user and system).
+    pub cpu_seconds: f64,
+    /// Times woken after waiting so far (`voluntary_ctxt_switches`): on a shared machine each
+    /// costs a switch, and a thread woken for nothing still takes a core from another.
+    pub wakeups: f64,
+}
+
+impl Figures {
+    /// The calling thread's figures so far (zero where `/proc` does not tell).
+    pub fn own() -> Self {
+        Figures {
+            cpu_seconds: own_cpu_seconds().unwrap_or(0.0),
+            wakeups: status_wakeups(Path::new("/proc/thread-self/status")),
+        }
+    }
+}
+
+/// What a snapshot read of one thread.
+#[derive(Clone, Copy, Debug)]
+struct ThreadSample {
+    group: ThreadGroup,
+    part: ServicePart,
+    figures: Figures,
+}
+
+/// The CPU seconds and wake-ups each live thread had at one moment, by thread id, with its
+/// group.
 #[derive(Clone, Debug, Default)]
-pub struct Snapshot(HashMap<u32, (ThreadGroup, ServicePart, f64)>);
+pub struct Snapshot(HashMap<u32, ThreadSample>);
 
 impl Snapshot {
     /// Every live thread's group and CPU time now (empty where `/proc` is unreadable); the
@@ -167,8 +207,8 @@ impl Snapshot {
     pub fn now() -> Self {
         let mut threads = HashMap::new();
         read_tasks("/proc/self/task", group_of, &mut threads);
-        if let Some((_, part, _)) = own_tid().and_then(|tid| threads.get_mut(&tid)) {
-            *part = ServicePart::Actors;
+        if let Some(own) = own_tid().and_then(|tid| threads.get_mut(&tid)) {
+            own.part = ServicePart::Actors;
         }
         Snapshot(threads)
     }
@@ -182,22 +222,35 @@ impl Snapshot {
         snapshot
     }
 
-    /// CPU seconds the live threads of `group` had used, if any thread of it was alive.
-    pub fn seconds_of(&self, group: ThreadGroup) -> Option<f64> {
+    /// What the live threads of `group` had used, summed, if any thread of it was alive.
+    pub fn figures_of(&self, group: ThreadGroup) -> Option<Figures> {
         self.0
             .values()
-            .filter(|(of, _, _)| *of == group)
-            .map(|(_, _, seconds)| *seconds)
-            .reduce(|a, b| a + b)
+            .filter(|thread| thread.group == group)
+            .map(|thread| thread.figures)
+            .reduce(|a, b| Figures {
+                cpu_seconds: a.cpu_seconds + b.cpu_seconds,
+                wakeups: a.wakeups + b.wakeups,
+            })
     }
 
     /// CPU time per group used since `earlier` by the threads alive now (a thread that ended
     /// meanwhile is not counted; one started meanwhile counts from its start).
-    pub fn since(&self, earlier: &Snapshot) -> CpuByGroup {
-        let mut by_group = CpuByGroup::default();
-        for (tid, (group, part, seconds)) in &self.0 {
-            let before = earlier.0.get(tid).map_or(0.0, |(_, _, s)| *s);
-            by_group.add(*group, *part, (seconds - before).max(0.0));
+    pub fn since(&self, earlier: &Snapshot) -> ByGroup {
+        self.grown_since(earlier, |figures| figures.cpu_seconds)
+    }
+
+    /// Wake-ups per group since `earlier`, counted as [`Snapshot::since`] counts CPU time.
+    pub fn wakeups_since(&self, earlier: &Snapshot) -> ByGroup {
+        self.grown_since(earlier, |figures| figures.wakeups)
+    }
+
+    fn grown_since(&self, earlier: &Snapshot, figure: impl Fn(&Figures) -> f64) -> ByGroup {
+        let mut by_group = ByGroup::default();
+        for (tid, thread) in &self.0 {
+            let before = earlier.0.get(tid).map_or(0.0, |t| figure(&t.figures));
+            let grown = (figure(&thread.figures) - before).max(0.0);
+            by_group.add(thread.group, thread.part, grown);
         }
         by_group
     }
@@ -208,7 +261,7 @@ impl Snapshot {
 fn read_tasks(
     dir: &str,
     group: impl Fn(&str) -> ThreadGroup,
-    into: &mut HashMap<u32, (ThreadGroup, ServicePart, f64)>,
+    into: &mut HashMap<u32, ThreadSample>,
 ) {
     let Ok(tasks) = std::fs::read_dir(dir) else {
         return;
@@ -217,13 +270,24 @@ fn read_tasks(
         let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
             continue;
         };
-        if let Some((name, seconds)) = std::fs::read_to_string(task.path().join("stat"))
-            .ok()
-            .as_deref()
-            .and_then(parse_stat)
-        {
-            into.insert(tid, (group(name), service_part_of(name), seconds));
-        }
+        let Some(stat) = std::fs::read_to_string(task.path().join("stat")).ok() else {
+            continue;
+        };
+        let Some((name, cpu_seconds)) = parse_stat(&stat) else {
+            continue;
+        };
+        let wakeups = status_wakeups(&task.path().join("status"));
+        into.insert(
+            tid,
+            ThreadSample {
+                group: group(name),
+                part: service_part_of(name),
+                figures: Figures {
+                    cpu_seconds,
+                    wakeups,
+                },
+            },
+        );
     }
 }
 
@@ -266,6 +330,26 @@ fn parse_stat(stat: &str) -> Option<(&str, f64)> {
     Some((name, (utime + stime) / USER_HZ))
 }
 
+/// The times the thread whose `/proc/.../status` is at `path` has been woken after waiting
+/// (zero where it cannot be read).
+fn status_wakeups(path: &Path) -> f64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .as_deref()
+        .and_then(parse_wakeups)
+        .unwrap_or(0) as f64
+}
+
+/// The times a thread has been woken after waiting, from its `/proc/.../status` text.
+fn parse_wakeups(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,14 +389,17 @@ mod tests {
         let own = own_tid().expect("Linux tells a thread its id");
         assert!(matches!(
             snapshot.0.get(&own),
-            Some((_, ServicePart::Actors, _))
+            Some(ThreadSample {
+                part: ServicePart::Actors,
+                ..
+            })
         ));
-        let mut cpu = CpuByGroup::default();
+        let mut cpu = ByGroup::default();
         cpu.add(ThreadGroup::Service, ServicePart::Actors, 2.0);
         cpu.add(ThreadGroup::Service, ServicePart::SledIo, 0.5);
         // A Kafka client's thread counts for no part of the service, whatever its name says.
         cpu.add(ThreadGroup::KafkaClients, ServicePart::Other, 1.0);
-        let per_event = cpu.per_event(1_000_000);
+        let per_event = cpu.us_per_event(1_000_000);
         assert_eq!(per_event.service, 2.5);
         assert_eq!(per_event.service_parts.actors, 2.0);
         assert_eq!(per_event.service_parts.sled_io, 0.5);
@@ -348,7 +435,7 @@ mod tests {
             by_group.embedded_broker >= used,
             "{by_group:?} against {used} s used"
         );
-        assert!(before.seconds_of(ThreadGroup::EmbeddedBroker).is_some());
+        assert!(before.figures_of(ThreadGroup::EmbeddedBroker).is_some());
     }
 
     #[test]
@@ -358,38 +445,86 @@ mod tests {
         assert_eq!(parse_stat("4242 (cut) S 1 2"), None);
     }
 
-    #[test]
-    fn a_busy_thread_counts_for_its_group_from_the_earlier_snapshot_on() {
+    /// Snapshots taken before and after a thread named `name` did `work`, the thread alive at
+    /// both, with what `work` returned.
+    fn around_thread<T: Send + 'static>(
+        name: &str,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> (Snapshot, Snapshot, T) {
         let before = Snapshot::now();
         let (done, wait) = std::sync::mpsc::channel::<()>();
-        let (spun, spin_ended) = std::sync::mpsc::channel();
-        let busy = std::thread::Builder::new()
-            .name("bench-producer".into())
+        let (finished, work_ended) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
             .spawn(move || {
-                // Busy for at least 60 ms of its own CPU time, read from /proc as the snapshot
-                // reads it; then alive until the second snapshot is taken.
-                let deadline = Instant::now() + Duration::from_secs(10);
-                let own = || own_cpu_seconds().unwrap_or(0.0);
-                while own() < 0.06 && Instant::now() < deadline {
-                    std::hint::black_box((0..10_000u64).sum::<u64>());
-                }
-                spun.send(own()).expect("the test waits");
+                finished.send(work()).expect("the test waits");
                 wait.recv().ok();
             })
             .expect("thread");
-        let used = spin_ended.recv().expect("the thread reports");
+        let returned = work_ended.recv().expect("the thread reports");
         let after = Snapshot::now();
-        let by_group = after.since(&before);
         done.send(()).expect("the thread waits");
-        busy.join().expect("joined");
+        thread.join().expect("joined");
+        (before, after, returned)
+    }
+
+    #[test]
+    fn a_busy_thread_counts_for_its_group_from_the_earlier_snapshot_on() {
+        let (before, after, used) = around_thread("bench-producer", || {
+            // Busy for at least 60 ms of its own CPU time, read from /proc as the snapshot
+            // reads it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let own = || own_cpu_seconds().unwrap_or(0.0);
+            while own() < 0.06 && Instant::now() < deadline {
+                std::hint::black_box((0..10_000u64).sum::<u64>());
+            }
+            own()
+        });
+        let by_group = after.since(&before);
         assert!(used >= 0.06, "the thread spun for {used} s");
         assert!(
             by_group.bench_producer >= used,
             "{by_group:?} against {used} s used"
         );
-        assert_eq!(before.seconds_of(ThreadGroup::BenchProducer), None);
-        assert!(after.seconds_of(ThreadGroup::BenchProducer) >= Some(used));
-        let per_event = by_group.per_event(1000);
+        assert_eq!(before.figures_of(ThreadGroup::BenchProducer), None);
+        let producer = after.figures_of(ThreadGroup::BenchProducer);
+        assert!(
+            producer.is_some_and(|f| f.cpu_seconds >= used),
+            "{producer:?}"
+        );
+        let per_event = by_group.us_per_event(1000);
         assert!((per_event.bench_producer - by_group.bench_producer * 1e3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_status_text_gives_the_times_its_thread_was_woken() {
+        let status = "Name:\tsled-io-3\nState:\tS (sleeping)\n\
+                      voluntary_ctxt_switches:\t2621\nnonvoluntary_ctxt_switches:\t206\n";
+        assert_eq!(parse_wakeups(status), Some(2621));
+        assert_eq!(parse_wakeups("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_thread_that_waits_and_is_woken_counts_its_wakeups_for_its_group_and_part() {
+        const WAITS: usize = 40;
+        let (before, after, own) = around_thread("sled-io-9", || {
+            // Each sleep blocks the thread and the timer wakes it: one wake-up each.
+            for _ in 0..WAITS {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Figures::own()
+        });
+        let wakeups = after.wakeups_since(&before);
+        assert!(
+            own.wakeups >= WAITS as f64,
+            "the thread read {own:?} itself"
+        );
+        assert!(
+            wakeups.service_parts.sled_io >= WAITS as f64,
+            "{wakeups:?} against {WAITS} sleeps"
+        );
+        assert!(wakeups.service >= wakeups.service_parts.sled_io);
+        let per_event = wakeups.per_event(WAITS as u64);
+        assert!(per_event.service_parts.sled_io >= 1.0, "{per_event:?}");
     }
 }

@@ -67,6 +67,16 @@ async fn short_benchmark_completes_and_applies_every_event() {
         "the service's parts make up its share: {}",
         bench::render(&report)
     );
+    let wakeups = report.aggregator_wakeups_by_thread;
+    let w = wakeups.service_parts;
+    let woken =
+        w.actors + w.dedup + w.blocking_pool + w.sled_io + w.consumer + w.view_loader + w.other;
+    assert!(
+        wakeups.service > 0.0 && (woken - wakeups.service).abs() < 1e-9 && w.blocking_pool > 0.0,
+        "the service's threads wait and are woken (each write's store stage on the blocking \
+         pool), and its parts make up its wake-ups: {}",
+        bench::render(&report)
+    );
     // Its CPU share is counted too, but a run this short can take less than one of /proc's
     // 10 ms ticks of it; `thread_cpu`'s unit tests pin that a child's threads are counted.
     assert!(
