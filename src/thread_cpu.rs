@@ -201,9 +201,9 @@ struct ThreadSample {
 pub struct Snapshot(HashMap<u32, ThreadSample>);
 
 impl Snapshot {
-    /// Every live thread's group and CPU time now (empty where `/proc` is unreadable); the
-    /// calling thread counts as the actors' (the bench takes its snapshots on the thread that
-    /// runs the actor system).
+    /// Every live thread's group, CPU time and wake-ups now (empty where `/proc` is
+    /// unreadable); the calling thread counts as the actors' (the bench takes its snapshots on
+    /// the thread that runs the actor system).
     pub fn now() -> Self {
         let mut threads = HashMap::new();
         read_tasks("/proc/self/task", group_of, &mut threads);
