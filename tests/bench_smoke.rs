@@ -5,6 +5,12 @@
 use aggregator::bench::{self, BenchOptions};
 use aggregator::config::Config;
 use aggregator::pipeline_bench;
+use aggregator::thread_cpu::ServiceParts;
+
+/// The service's parts summed: what they make up of its share, CPU or wake-ups.
+fn parts_summed(p: &ServiceParts) -> f64 {
+    p.actors + p.dedup + p.blocking_pool + p.sled_io + p.consumer + p.view_loader + p.other
+}
 
 /// 20,000 events over 2,000 keys and 2 partitions per topic.
 fn short_options() -> BenchOptions {
@@ -60,19 +66,17 @@ async fn short_benchmark_completes_and_applies_every_event() {
         bench::render(&report)
     );
     let p = by_thread.service_parts;
-    let service_parts =
-        p.actors + p.dedup + p.blocking_pool + p.sled_io + p.consumer + p.view_loader + p.other;
     assert!(
-        (service_parts - by_thread.service).abs() < 1e-6 && p.actors > 0.0,
+        (parts_summed(&p) - by_thread.service).abs() < 1e-6 && p.actors > 0.0,
         "the service's parts make up its share: {}",
         bench::render(&report)
     );
     let wakeups = report.aggregator_wakeups_by_thread;
     let w = wakeups.service_parts;
-    let woken =
-        w.actors + w.dedup + w.blocking_pool + w.sled_io + w.consumer + w.view_loader + w.other;
     assert!(
-        wakeups.service > 0.0 && (woken - wakeups.service).abs() < 1e-9 && w.blocking_pool > 0.0,
+        wakeups.service > 0.0
+            && (parts_summed(&w) - wakeups.service).abs() < 1e-9
+            && w.blocking_pool > 0.0,
         "the service's threads wait and are woken (each write's store stage on the blocking \
          pool), and its parts make up its wake-ups: {}",
         bench::render(&report)
