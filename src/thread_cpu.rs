@@ -92,7 +92,7 @@ pub struct ServiceParts {
 }
 
 impl ServiceParts {
-    fn add(&mut self, part: ServicePart, seconds: f64) {
+    fn add(&mut self, part: ServicePart, amount: f64) {
         *match part {
             ServicePart::Actors => &mut self.actors,
             ServicePart::Dedup => &mut self.dedup,
@@ -101,7 +101,7 @@ impl ServiceParts {
             ServicePart::Consumer => &mut self.consumer,
             ServicePart::ViewLoader => &mut self.view_loader,
             ServicePart::Other => &mut self.other,
-        } += seconds;
+        } += amount;
     }
 
     fn scaled(&self, by: impl Fn(f64) -> f64) -> ServiceParts {
